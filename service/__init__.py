@@ -1,0 +1,1 @@
+"""The training service: REST API, job store and runner, web page and the `sae` CLI."""

@@ -1,0 +1,1 @@
+"""The distributed engine: Zarr datasets, per-chunk tasks, tree aggregation, cluster."""
