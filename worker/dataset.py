@@ -1,0 +1,344 @@
+"""Datasets: a Zarr v3 group holding a 2-D array ``X`` of m examples x n features.
+
+Layout of a dataset at ``PATH`` (a local folder or an fsspec URL)::
+
+    PATH/zarr.json      group attributes (see below)
+    PATH/X              array of shape (m, n), chunked by rows only: chunks (chunk_rows, n)
+
+Group attributes::
+
+    sae_dataset   format version (1)
+    complete      True once every chunk is written (written last)
+    scale         float: values = stored * scale (1/255 for uint8 pixels, 1.0 for floats)
+    sample_shape  shape of one example for pictures, e.g. [28, 28] or [8, 8] or [8, 8, 3]
+    preprocessing dict describing what was applied (normalisation, whitening parameters, ...)
+    source        free text: where the data came from
+
+Writing is atomic: a local dataset is written into a hidden sibling folder and renamed into
+place; every dataset is marked ``complete`` only after its last chunk, and readers refuse one
+that is not. Chunks are read by the tasks themselves with :func:`read_chunk`, which refuses a
+missing chunk (never reading it as the fill value), names the chunk of an unreadable one, and
+refuses non-finite values.
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import os
+import shutil
+import uuid
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import zarr
+from zarr.core.sync import sync
+
+FORMAT_VERSION = 1
+ARRAY_NAME = "X"
+DEFAULT_CHUNK_BYTES = 16 * 2**20
+STORED_DTYPES = ("uint8", "float32", "float64")
+
+
+class DatasetError(ValueError):
+    """A dataset cannot be opened or is not a complete sae dataset."""
+
+
+class ChunkError(RuntimeError):
+    """A chunk is missing, unreadable, or holds non-finite values; the message names it."""
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What a dataset holds.
+
+    Attributes
+    ----------
+    path : str
+    shape : tuple of int
+        (m, n).
+    dtype : str
+        Stored dtype.
+    chunk_rows : int
+        Rows per chunk (the last chunk may be shorter).
+    scale : float
+        Values are ``stored * scale``.
+    sample_shape : tuple of int or None
+    preprocessing : dict
+    source : str
+    """
+
+    path: str
+    shape: tuple[int, int]
+    dtype: str
+    chunk_rows: int
+    scale: float = 1.0
+    sample_shape: tuple[int, ...] | None = None
+    preprocessing: dict[str, Any] = field(default_factory=dict)
+    source: str = ""
+
+    @property
+    def n_chunks(self) -> int:
+        """Number of row chunks."""
+        return math.ceil(self.shape[0] / self.chunk_rows) if self.shape[0] else 0
+
+    @property
+    def nbytes(self) -> int:
+        """Uncompressed size in bytes."""
+        return self.shape[0] * self.shape[1] * np.dtype(self.dtype).itemsize
+
+    def chunk_slice(self, i: int) -> slice:
+        """Rows of chunk ``i``."""
+        return slice(i * self.chunk_rows, min((i + 1) * self.chunk_rows, self.shape[0]))
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-able summary (with chunk count and size)."""
+        d = asdict(self)
+        d.update(n_chunks=self.n_chunks, nbytes=self.nbytes)
+        return d
+
+
+def default_chunk_rows(n_features: int, dtype: str, target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
+    """Rows per chunk so that one decoded chunk is about ``target_bytes`` (16 MB)."""
+    return max(1, target_bytes // (n_features * np.dtype(dtype).itemsize))
+
+
+def _is_local(path: str | os.PathLike) -> bool:
+    return "://" not in str(path) or str(path).startswith("file://")
+
+
+def _local(path: str | os.PathLike) -> Path:
+    p = str(path)
+    return Path(p[len("file://") :] if p.startswith("file://") else p)
+
+
+def write_dataset(
+    path: str | os.PathLike,
+    blocks: Iterable[np.ndarray] | np.ndarray,
+    n_rows: int,
+    n_features: int,
+    dtype: str = "float32",
+    chunk_rows: int | None = None,
+    scale: float = 1.0,
+    sample_shape: tuple[int, ...] | None = None,
+    preprocessing: dict[str, Any] | None = None,
+    source: str = "",
+    overwrite: bool = False,
+) -> DatasetInfo:
+    """Write a dataset atomically from an array or from row blocks of any size.
+
+    Parameters
+    ----------
+    path : str or path
+        Destination (local folder or fsspec URL).
+    blocks : ndarray of shape (n_rows, n_features) or iterable of ndarrays of shape (k, n_features)
+        The rows, in order; blocks are re-cut into chunks of ``chunk_rows`` as they stream, so
+        the whole dataset is never in memory.
+    n_rows, n_features : int
+    dtype : {"uint8", "float32", "float64"}
+        Stored dtype (values are cast to it).
+    chunk_rows : int, optional
+        Rows per chunk (default: about 16 MB per chunk).
+    scale : float
+        Values are ``stored * scale`` (e.g. 1/255 for pixels stored as uint8).
+    sample_shape : tuple of int, optional
+    preprocessing : dict, optional
+    source : str
+    overwrite : bool
+        Replace an existing dataset at ``path``.
+
+    Returns
+    -------
+    info : DatasetInfo
+    """
+    if dtype not in STORED_DTYPES:
+        raise DatasetError(f"dtype: choose one of {list(STORED_DTYPES)}, got {dtype!r}")
+    if n_rows < 1 or n_features < 1:
+        raise DatasetError(f"shape: a dataset needs rows and features, got {(n_rows, n_features)}")
+    if sample_shape is not None and math.prod(sample_shape) != n_features:
+        raise DatasetError(
+            f"sample_shape: {tuple(sample_shape)} does not hold {n_features} features"
+        )
+    chunk_rows = chunk_rows or default_chunk_rows(n_features, dtype)
+    if isinstance(blocks, np.ndarray):
+        arr = blocks
+        blocks = (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
+    local = _is_local(path)
+    final = _local(path) if local else None
+    if local:
+        if final.exists() and not overwrite:
+            raise DatasetError(f"path: {final} exists (pass overwrite=True to replace it)")
+        final.parent.mkdir(parents=True, exist_ok=True)
+        target: str = str(final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
+    else:
+        target = str(path)
+    try:
+        group = zarr.open_group(target, mode="w")
+        X = group.create_array(
+            ARRAY_NAME,
+            shape=(n_rows, n_features),
+            chunks=(chunk_rows, n_features),
+            dtype=dtype,
+            config={"write_empty_chunks": True},
+        )
+        group.attrs.update(
+            {
+                "sae_dataset": FORMAT_VERSION,
+                "complete": False,
+                "scale": float(scale),
+                "sample_shape": list(sample_shape) if sample_shape is not None else None,
+                "preprocessing": preprocessing or {},
+                "source": source,
+            }
+        )
+        written = 0
+        pending: list[np.ndarray] = []
+        pending_rows = 0
+        for block in blocks:
+            block = np.asarray(block)
+            if block.ndim != 2 or block.shape[1] != n_features:
+                raise DatasetError(
+                    f"blocks: expected rows of {n_features} features, got shape {block.shape}"
+                )
+            pending.append(block)
+            pending_rows += block.shape[0]
+            while pending_rows >= chunk_rows or (pending_rows and written + pending_rows >= n_rows):
+                buf = np.concatenate(pending) if len(pending) > 1 else pending[0]
+                take = min(chunk_rows, buf.shape[0])
+                if written + take > n_rows:
+                    raise DatasetError(f"blocks: more than n_rows={n_rows} rows were given")
+                X[written : written + take] = buf[:take].astype(dtype, copy=False)
+                written += take
+                rest = buf[take:]
+                pending = [rest] if rest.shape[0] else []
+                pending_rows = rest.shape[0]
+        if written != n_rows:
+            raise DatasetError(f"blocks: expected {n_rows} rows, got {written}")
+        group.attrs["complete"] = True
+    except BaseException:
+        if local:
+            shutil.rmtree(target, ignore_errors=True)
+        raise
+    if local:
+        if final.exists():
+            trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
+            os.replace(final, trash)
+            os.replace(target, final)
+            shutil.rmtree(trash, ignore_errors=True)
+        else:
+            os.replace(target, final)
+    _open_array.cache_clear()
+    return open_dataset(path)
+
+
+def open_dataset(path: str | os.PathLike) -> DatasetInfo:
+    """Describe the dataset at ``path``.
+
+    Raises
+    ------
+    DatasetError
+        If there is no dataset there, or it is incomplete or not an sae dataset.
+    """
+    spath = str(path)
+    if _is_local(spath) and not _local(spath).exists():
+        raise DatasetError(f"dataset: no dataset at {spath}")
+    try:
+        group = zarr.open_group(spath, mode="r")
+        attrs = dict(group.attrs)
+        X = group[ARRAY_NAME]
+    except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
+        raise DatasetError(f"dataset: {spath} is not an sae dataset ({exc})") from None
+    if attrs.get("sae_dataset") != FORMAT_VERSION:
+        raise DatasetError(f"dataset: {spath} is not an sae dataset (no sae_dataset attribute)")
+    if not attrs.get("complete"):
+        raise DatasetError(f"dataset: {spath} is incomplete (its writing did not finish)")
+    if X.ndim != 2 or X.chunks[1] != X.shape[1]:
+        raise DatasetError(f"dataset: {spath} must be 2-D and chunked by rows only")
+    ss = attrs.get("sample_shape")
+    return DatasetInfo(
+        path=spath,
+        shape=(int(X.shape[0]), int(X.shape[1])),
+        dtype=str(X.dtype),
+        chunk_rows=int(X.chunks[0]),
+        scale=float(attrs.get("scale", 1.0)),
+        sample_shape=tuple(ss) if ss else None,
+        preprocessing=attrs.get("preprocessing") or {},
+        source=attrs.get("source", ""),
+    )
+
+
+@functools.lru_cache(maxsize=32)
+def _open_array(path: str) -> zarr.Array:
+    return zarr.open_group(path, mode="r")[ARRAY_NAME]
+
+
+def read_chunk(
+    path: str | os.PathLike, i: int, dtype: str = "float64", scale: float | None = None
+) -> np.ndarray:
+    """Read chunk ``i`` of a dataset as floats (stored values times the scale).
+
+    Parameters
+    ----------
+    path : str or path
+    i : int
+        Chunk index.
+    dtype : {"float64", "float32"}
+        Returned dtype.
+    scale : float, optional
+        Overrides the dataset's scale attribute (saves opening the group attributes).
+
+    Returns
+    -------
+    X : ndarray of shape (rows_in_chunk, n)
+
+    Raises
+    ------
+    ChunkError
+        If the chunk is missing from the store, cannot be read or decoded, or holds NaN/inf;
+        the message names the chunk and the dataset.
+    """
+    spath = str(path)
+    try:
+        X = _open_array(spath)
+    except Exception as exc:  # noqa: BLE001 - reported with the chunk's name
+        raise ChunkError(f"chunk {i} of {spath}: cannot open the dataset ({exc})") from exc
+    rows = X.chunks[0]
+    if not 0 <= i < math.ceil(X.shape[0] / rows):
+        raise ChunkError(f"chunk {i} of {spath}: no such chunk")
+    key = X.metadata.encode_chunk_key((i, 0))
+    store_path = X.store_path
+    full_key = f"{store_path.path}/{key}" if store_path.path else key
+    try:
+        present = sync(store_path.store.exists(full_key))
+    except Exception as exc:  # noqa: BLE001
+        raise ChunkError(f"chunk {i} of {spath}: cannot reach the store ({exc})") from exc
+    if not present:
+        raise ChunkError(f"chunk {i} of {spath}: missing from the store ({key})")
+    try:
+        raw = X[i * rows : min((i + 1) * rows, X.shape[0])]
+    except Exception as exc:  # noqa: BLE001
+        why = f"{type(exc).__name__}: {exc}"
+        raise ChunkError(f"chunk {i} of {spath}: cannot be read ({why})") from exc
+    if scale is None:
+        scale = float(zarr.open_group(spath, mode="r").attrs.get("scale", 1.0))
+    out = raw.astype(dtype, copy=False)
+    if scale != 1.0:
+        out = out * np.asarray(scale, dtype=dtype)
+    if raw.dtype.kind == "f" and not np.all(np.isfinite(out)):
+        bad = int(np.argwhere(~np.isfinite(out))[0][0]) + i * rows
+        raise ChunkError(f"chunk {i} of {spath}: holds NaN or inf (first at row {bad})")
+    return out
+
+
+def read_all(path: str | os.PathLike, dtype: str = "float64") -> np.ndarray:
+    """The whole dataset in memory, chunk by chunk (for small datasets and tests).
+
+    Returns
+    -------
+    X : ndarray of shape (m, n)
+    """
+    info = open_dataset(path)
+    return np.concatenate([read_chunk(path, i, dtype, info.scale) for i in range(info.n_chunks)])
