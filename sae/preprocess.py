@@ -486,7 +486,7 @@ def _check_method(method: str) -> WhiteningMethod:
 
 
 def fit_whitening(
-    sums: MomentSums, method: WhiteningMethod = "zca", epsilon: float = 0.1, k: int | None = None
+    sums: MomentSums, method: WhiteningMethod, epsilon: float, k: int | None = None
 ) -> Whitening:
     """Fit PCA or ZCA whitening from moment sums added over all chunks.
 
@@ -502,7 +502,9 @@ def fit_whitening(
         Sums over the whole dataset of shape (m, n).
     method : {"pca", "zca"}
     epsilon : float
-        Regulariser ``>= 0`` added to the eigenvalues before the square root.
+        Regulariser ``>= 0`` added to the eigenvalues before the square root (UFLDL uses 0.1
+        for ZCA of image patches, about 1e-5 for PCA of [0, 1] pixels; 0 needs a full-rank
+        covariance).
     k : int, optional
         PCA only: keep the top ``k`` components (``1 <= k <= n``); see
         :func:`pca_retained_components`.
