@@ -270,6 +270,27 @@ def test_images_patches_match_sample_patches(tmp_path):
     np.testing.assert_array_equal(read_all(tmp_path / "d"), expected)
 
 
+def test_patches_drawn_in_bounded_blocks(tmp_path, monkeypatch):
+    preprocess = pytest.importorskip("sae.preprocess")
+    import worker.ingest
+
+    monkeypatch.setattr(worker.ingest, "PATCH_BLOCK", 100)
+    arrays = write_pngs(tmp_path / "pics", 2, size=(11, 13))
+    info = ingest_images(tmp_path / "pics", tmp_path / "d", patch_size=5, n_patches=250, seed=7)
+    X = read_all(tmp_path / "d")
+    images = [a / 255.0 for a in arrays]
+    expected = [
+        preprocess.sample_patches(images, 5, 100, 7),
+        preprocess.sample_patches(images, 5, 100, [7, 1]),
+        preprocess.sample_patches(images, 5, 50, [7, 2]),
+    ]
+    assert info.shape == (250, 25)
+    np.testing.assert_array_equal(X, np.concatenate(expected))
+    with pytest.raises(ValueError, match="patch"):
+        ingest_images(tmp_path / "pics", tmp_path / "e", patch_size=20)
+    assert not (tmp_path / "e").exists()
+
+
 # ------------------------------------------------------------------------------------ photographs
 def test_photographs_normalised_patches(tmp_path):
     preprocess = pytest.importorskip("sae.preprocess")

@@ -426,7 +426,7 @@ def ingest_npy(
 
     def blocks() -> Iterator[np.ndarray]:
         for i in range(0, m, rows):
-            block = np.asarray(arr[i : i + rows]).reshape(-1, n)
+            block = _npy_rows(src, arr, i, min(i + rows, m)).reshape(-1, n)
             if dtype == "uint8" and arr.dtype != np.uint8:
                 if block.min() < 0 or block.max() > 255:
                     raise ValueError(f"{src}: values outside [0, 255] cannot be stored as uint8")
@@ -448,6 +448,30 @@ def ingest_npy(
         what=str(src),
         progress=progress,
     )
+
+
+def _npy_rows(src: Path, arr: np.ndarray, start: int, stop: int) -> np.ndarray:
+    """Rows ``start:stop`` of a memory-mapped ``.npy`` array, copied out of the file.
+
+    For a C-ordered file only those rows are mapped, and unmapped again on return, so the
+    resident memory stays about one block whatever the file's size (a single map of the whole
+    file would keep every page read so far resident).
+    """
+    offset = getattr(arr, "offset", None)
+    if not arr.flags.c_contiguous or offset is None:
+        return np.array(arr[start:stop])
+    row_bytes = arr.dtype.itemsize * math.prod(arr.shape[1:])
+    mm = np.memmap(
+        src,
+        dtype=arr.dtype,
+        mode="r",
+        offset=offset + start * row_bytes,
+        shape=(stop - start, *arr.shape[1:]),
+    )
+    try:
+        return np.array(mm)
+    finally:
+        del mm
 
 
 # ---------------------------------------------------------------------------------------------
@@ -741,7 +765,9 @@ def ingest_images(
     Without ``patch_size`` every image is one example: all images must have the same size
     (no resizing), and they are streamed one by one. With ``patch_size`` the images are read
     in memory and ``n_patches`` random ``patch_size x patch_size`` patches are drawn
-    (:func:`sae.preprocess.sample_patches`, pixels scaled to [0, 1]).
+    (:func:`sae.preprocess.sample_patches`, pixels scaled to [0, 1]) in blocks of at most
+    :data:`PATCH_BLOCK` patches, so a large patch set is never in memory whole (up to
+    ``PATCH_BLOCK`` patches the rows are exactly ``sample_patches(images, p, n_patches, seed)``).
 
     Parameters
     ----------
@@ -820,16 +846,16 @@ def ingest_images(
 
     else:
         images = [_read_image(p, gray).astype(np.float64) / 255.0 for p in files]
-        X = _sample(images, patch_size, n_patches, seed, str(folder))
+        n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, str(folder))
         p = int(patch_size)
         sample_shape = (p, p) if gray else (p, p, 3)
 
         def write_raw(path: str, ow: bool) -> DatasetInfo:
             return _write(
                 path,
-                X,
-                n_rows=X.shape[0],
-                n_features=X.shape[1],
+                patch_blocks(),
+                n_rows=int(n_patches),
+                n_features=n_feat,
                 dtype=dtype,
                 chunk_rows=chunk_rows,
                 sample_shape=sample_shape,
@@ -858,13 +884,43 @@ def ingest_images(
     )
 
 
-def _sample(images: list[np.ndarray], patch_size: int, n_patches: int, seed: int, what: str):
+PATCH_BLOCK = 65536
+
+
+def _patches(
+    images: list[np.ndarray], patch_size: int, n_patches: int, seed: int, what: str
+) -> tuple[int, Callable[[], Iterator[np.ndarray]]]:
+    """Random patches in blocks of at most :data:`PATCH_BLOCK`, so memory stays bounded.
+
+    Up to ``PATCH_BLOCK`` patches are exactly ``sample_patches(images, p, n_patches, seed)``;
+    beyond, block ``j`` holds ``sample_patches(images, p, size_j, [seed, j])``.
+
+    Returns
+    -------
+    n_features : int
+    blocks : callable returning an iterator of ndarrays of shape (k, n_features)
+    """
     from sae.preprocess import sample_patches
 
-    try:
-        return sample_patches(images, patch_size, n_patches, seed)
-    except ValueError as exc:
-        raise ValueError(f"{what}: {exc}") from None
+    n_patches = int(n_patches)
+
+    def block(j: int) -> np.ndarray:
+        size = min(PATCH_BLOCK, n_patches - j * PATCH_BLOCK)
+        try:
+            return sample_patches(images, patch_size, size, seed if j == 0 else [seed, j])
+        except ValueError as exc:
+            raise ValueError(f"{what}: {exc}") from None
+
+    if n_patches < 1:
+        raise ValueError(f"n_patches: must be an integer >= 1, got {n_patches!r}")
+    first = block(0)  # checks the arguments before anything is written
+
+    def blocks() -> Iterator[np.ndarray]:
+        yield first
+        for j in range(1, math.ceil(n_patches / PATCH_BLOCK)):
+            yield block(j)
+
+    return first.shape[1], blocks
 
 
 def ingest_photographs(
@@ -894,7 +950,8 @@ def ingest_photographs(
         Local path or fsspec URL of the new dataset.
     patch_size, n_patches, seed : int
         Patches drawn by :func:`sae.preprocess.sample_patches` from
-        :func:`sae.preprocess.photographs`.
+        :func:`sae.preprocess.photographs`, in blocks of :data:`PATCH_BLOCK` (as
+        :func:`ingest_images`).
     gray : bool
         Grayscale patches (n = p*p) or RGB ones (n = p*p*3).
     normalize : bool
@@ -914,16 +971,17 @@ def ingest_photographs(
     from sae.preprocess import GRAY_PHOTOGRAPHS, RGB_PHOTOGRAPHS, photographs
 
     _check_dest(dest, overwrite)
-    X = _sample(photographs(gray=gray), patch_size, n_patches, seed, "photographs")
+    images = photographs(gray=gray)
+    n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, "photographs")
     p = int(patch_size)
     names = (GRAY_PHOTOGRAPHS + RGB_PHOTOGRAPHS) if gray else RGB_PHOTOGRAPHS
 
     def write_raw(path: str, ow: bool) -> DatasetInfo:
         return _write(
             path,
-            X,
-            n_rows=X.shape[0],
-            n_features=X.shape[1],
+            patch_blocks(),
+            n_rows=int(n_patches),
+            n_features=n_feat,
             dtype=dtype,
             chunk_rows=chunk_rows,
             sample_shape=(p, p) if gray else (p, p, 3),
