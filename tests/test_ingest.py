@@ -4,7 +4,12 @@ from __future__ import annotations
 
 import gzip
 import json
+import os
+import signal
 import struct
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import numpy as np
@@ -191,6 +196,36 @@ def test_npy_nan_midway_leaves_nothing(tmp_path):
         ingest_npy(tmp_path / "a.npy", tmp_path / "d", chunk_rows=50)
     assert not (tmp_path / "d").exists()
     assert leftovers(tmp_path) == []
+
+
+def test_killed_ingest_leaves_no_dataset(tmp_path):
+    """SIGKILL in the middle of a write: nothing at dest, the temp folder reads as incomplete."""
+    np.save(tmp_path / "a.npy", np.ones((40000, 8)))
+    dest = tmp_path / "d"
+    code = (
+        "from worker.ingest import ingest_npy; "
+        f"ingest_npy({str(tmp_path / 'a.npy')!r}, {str(dest)!r}, chunk_rows=10)"
+    )
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    proc = subprocess.Popen([sys.executable, "-c", code], env=env)
+    try:
+        chunks: list[Path] = []
+        while not chunks and proc.poll() is None:
+            chunks = [p for p in tmp_path.glob(".*/X/c/**/*") if p.is_file()]
+            time.sleep(0.01)
+        assert chunks, "the writer finished before it could be killed"
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert not dest.exists()
+    with pytest.raises(DatasetError):
+        open_dataset(dest)
+    (temp,) = [p for p in tmp_path.iterdir() if p.name.startswith(".")]
+    with pytest.raises(DatasetError, match="incomplete|not an sae dataset"):
+        open_dataset(temp)
 
 
 def test_overwrite_needed_to_replace(tmp_path):
