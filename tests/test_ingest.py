@@ -295,6 +295,16 @@ def test_images_of_different_sizes_refused(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+def test_images_16_bit_refused(tmp_path):
+    from PIL import Image
+
+    (tmp_path / "pics").mkdir()
+    Image.fromarray(np.full((4, 4), 5000, dtype=np.uint16)).save(tmp_path / "pics" / "a.png")
+    with pytest.raises(ValueError, match="8-bit"):
+        ingest_images(tmp_path / "pics", tmp_path / "d")
+    assert not (tmp_path / "d").exists()
+
+
 def test_images_patches_match_sample_patches(tmp_path):
     preprocess = pytest.importorskip("sae.preprocess")
     arrays = write_pngs(tmp_path / "pics", 3, size=(12, 10))

@@ -738,6 +738,11 @@ def _read_image(path: Path, gray: bool) -> np.ndarray:
 
     try:
         with Image.open(path) as img:
+            if img.mode.startswith("I") or img.mode == "F":
+                raise ValueError(
+                    f"{path}: {img.mode} images (more than 8 bits per channel) are not supported; "
+                    "convert them to 8-bit, or stack them into a .npy file (sae ingest npy)"
+                )
             return np.asarray(img.convert("L" if gray else "RGB"), dtype=np.uint8)
     except (UnidentifiedImageError, OSError) as exc:
         raise ValueError(f"{path}: not a readable image ({exc})") from None
