@@ -156,6 +156,14 @@ def test_npy_round_trip(tmp_path, shape, dtype, stored_dtype, sample_shape):
     assert leftovers(tmp_path) == []
 
 
+def test_npy_fortran_order(tmp_path):
+    b = np.random.default_rng(5).standard_normal((333, 2, 3))
+    np.save(tmp_path / "f.npy", np.asfortranarray(b))
+    info = ingest_npy(tmp_path / "f.npy", tmp_path / "d", chunk_rows=50)
+    assert info.sample_shape == (2, 3)
+    np.testing.assert_array_equal(read_all(tmp_path / "d"), b.reshape(333, 6))
+
+
 def test_npy_scale_sample_shape_and_dtype(tmp_path):
     arr = np.arange(40 * 6, dtype=np.int32).reshape(40, 6) % 256
     np.save(tmp_path / "a.npy", arr)
