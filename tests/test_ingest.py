@@ -420,6 +420,22 @@ def test_failed_preprocessing_leaves_nothing(tmp_path):
     assert leftovers(tmp_path) == []
 
 
+@pytest.mark.parametrize("scheme", ["file", "memory"])
+def test_fsspec_whitening_pipeline(tmp_path, scheme):
+    pytest.importorskip("sae.preprocess")
+    import fsspec
+
+    url = f"file://{tmp_path}/w" if scheme == "file" else f"memory://wp-{tmp_path.name}/w"
+    info = ingest_photographs(url, n_patches=400, whiten="pca", k=5, chunk_rows=150)
+    assert info.shape == (400, 5) and info.n_chunks == 3
+    assert load_whitening(url).k == 5
+    if scheme == "file":
+        assert [p.name for p in tmp_path.iterdir()] == ["w"]
+    else:
+        fs = fsspec.filesystem("memory")
+        assert [e.rsplit("/", 1)[1] for e in fs.ls(f"/wp-{tmp_path.name}", detail=False)] == ["w"]
+
+
 # ------------------------------------------------------------------------------------ CLI
 def test_cli_ingest_npy_and_info(tmp_path):
     np.save(tmp_path / "a.npy", np.arange(250 * 6, dtype=np.uint8).reshape(250, 6))
