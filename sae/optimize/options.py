@@ -19,7 +19,7 @@ OPTIMIZERS: Mapping[str, Mapping[str, float | int]] = MappingProxyType(
         "lbfgs": MappingProxyType(
             {**_COMMON, "memory": 20, "c1": 1e-4, "c2": 0.9, "ls_maxiter": 10}
         ),
-        "cg": MappingProxyType({**_COMMON, "c1": 1e-4, "c2": 0.1, "ls_maxiter": 10}),
+        "cg": MappingProxyType({**_COMMON, "c1": 1e-4, "c2": 0.2, "ls_maxiter": 10}),
         "gd": MappingProxyType({**_COMMON, "alpha": 0.1}),
     }
 )
