@@ -296,6 +296,29 @@ def test_non_finite_start_raises():
     with pytest.raises(FloatingPointError, match="theta0"):
         minimize(lambda x: (math.nan, np.zeros(3)), state)
 
+    def saturated(x):
+        raise FloatingPointError("units saturated")
+
+    with pytest.raises(FloatingPointError, match="units saturated"):
+        minimize(saturated, state)
+
+
+def test_load_rejects_inconsistent_shapes(tmp_path):
+    state = minimize(rosenbrock, OptimizerState.start("lbfgs", np.zeros(4)), 3)
+    arrays = state.to_arrays()
+    arrays["grad"] = arrays["grad"][:3]
+    np.savez(tmp_path / "bad.npz", **arrays)
+    with pytest.raises(ValueError, match="inconsistent shapes"):
+        OptimizerState.load(tmp_path / "bad.npz")
+
+
+def test_state_is_read_only():
+    state = OptimizerState.start("gd", np.zeros(2), {"alpha": 0.5})
+    with pytest.raises(TypeError):
+        state.options["alpha"] = 2.0
+    with pytest.raises(AttributeError):
+        state.iteration = 3
+
 
 # ------------------------------------------------------------------ callback, stopping
 def test_callback_cancels_and_run_can_continue(sae_problem):
@@ -304,7 +327,7 @@ def test_callback_cancels_and_run_can_continue(sae_problem):
 
     def cb(state):
         seen.append(state.iteration)
-        return state.iteration == 3
+        return np.bool_(state.iteration == 3)  # any true value stops
 
     state = minimize(f, OptimizerState.start("lbfgs", theta0), max_iter=10, callback=cb)
     assert seen == [0, 1, 2, 3]

@@ -16,7 +16,9 @@ from sae.optimize.linesearch import CountedObjective, wolfe_search
 from sae.optimize.state import OptimizerState
 
 
-def direction(grad: np.ndarray, g_prev: np.ndarray | None, d_prev: np.ndarray | None):
+def direction(
+    grad: np.ndarray, g_prev: np.ndarray | None, d_prev: np.ndarray | None
+) -> np.ndarray | None:
     """The PR+ direction, or None to restart along ``-grad``.
 
     Parameters
@@ -59,7 +61,10 @@ def step(fc: CountedObjective, state: OptimizerState) -> OptimizerState:
     if found is None:
         return state.replace(
             status="line_search_failed",
-            message=f"cg: line search failed along -grad at iteration {state.iteration}",
+            message=(
+                f"cg: line search failed along -grad at iteration {state.iteration} "
+                f"(||grad||_inf = {state.grad_norm:.3e})"
+            ),
         )
     return state.replace(
         theta=found.theta,

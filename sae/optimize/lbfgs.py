@@ -76,7 +76,10 @@ def step(fc: CountedObjective, state: OptimizerState) -> OptimizerState:
             s=(),
             y=(),
             status="line_search_failed",
-            message=f"lbfgs: line search failed along -grad at iteration {state.iteration}",
+            message=(
+                f"lbfgs: line search failed along -grad at iteration {state.iteration} "
+                f"(||grad||_inf = {state.grad_norm:.3e})"
+            ),
         )
     s_new = found.theta - theta
     y_new = found.grad - g

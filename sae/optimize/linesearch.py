@@ -40,11 +40,14 @@ class CountedObjective:
     ----------
     n_evals : int
         Calls of ``f`` made through this object (cache hits are not counted).
+    last_error : str or None
+        Why the last evaluation was not finite, if it was not.
     """
 
     def __init__(self, f: Objective) -> None:
         self.f = f
         self.n_evals = 0
+        self.last_error: str | None = None
         self._key: np.ndarray | None = None
         self._value: tuple[float, np.ndarray] | None = None
 
@@ -68,15 +71,18 @@ class CountedObjective:
             return self._value
         key = theta.copy()
         self.n_evals += 1
+        self.last_error = None
         try:
             J, grad = self.f(theta)
             J = float(J)
             grad = np.array(grad, dtype=np.float64)
-        except FloatingPointError:
+        except FloatingPointError as e:
             J, grad = math.inf, np.full(theta.shape, np.nan)
+            self.last_error = str(e)
         if grad.shape != theta.shape:
             raise ValueError(f"objective: gradient has shape {grad.shape}, expected {theta.shape}")
         if not (math.isfinite(J) and np.all(np.isfinite(grad))):
+            self.last_error = self.last_error or "non-finite cost or gradient"
             J = math.inf
         self._key, self._value = key, (J, grad)
         return self._value

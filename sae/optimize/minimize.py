@@ -42,8 +42,9 @@ def stop_reason(state: OptimizerState, max_iter: int) -> tuple[str, str] | None:
 def _initial(fc: CountedObjective, state: OptimizerState) -> OptimizerState:
     J, grad = fc(state.theta)
     if not math.isfinite(J):
+        why = f" ({fc.last_error})" if fc.last_error else ""
         raise FloatingPointError(
-            "objective: cost or gradient is not finite at theta0; check the data and theta0"
+            f"objective: cost or gradient is not finite at theta0{why}; check the data and theta0"
         )
     return state.replace(J=J, grad=grad, iteration=0, status="running", message="")
 
@@ -52,7 +53,7 @@ def _report(state: OptimizerState, max_iter: int, callback: Callback | None) -> 
     reason = stop_reason(state, max_iter)
     if reason is not None:
         state = state.replace(status=reason[0], message=reason[1])
-    if callback is not None and callback(state) is True and state.status == "running":
+    if callback is not None and callback(state) and state.status == "running":
         state = state.replace(
             status="cancelled", message=f"cancelled by the callback at iteration {state.iteration}"
         )
@@ -81,7 +82,7 @@ def minimize(
     callback : callable, optional
         ``callback(state) -> bool | None`` after the initial evaluation (iteration 0) and after
         every iteration, with the stopping tests already applied to ``state.status``; returning
-        True stops the run with status ``cancelled`` (the state can be continued later).
+        a true value stops the run with status ``cancelled`` (the state can be continued later).
 
     Returns
     -------

@@ -9,11 +9,13 @@ bit for bit, given a deterministic objective (and the same numpy/BLAS build and 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import os
 import tempfile
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
+from types import MappingProxyType
 from typing import IO, Any
 
 import numpy as np
@@ -48,8 +50,9 @@ class OptimizerState:
     ----------
     method : str
         A key of :data:`sae.optimize.OPTIMIZERS`.
-    options : dict
-        All options of the method (defaults filled in), see :func:`check_options`.
+    options : mapping
+        All options of the method (defaults filled in, read-only), see
+        :func:`sae.optimize.check_options`.
     theta : ndarray of shape (n,)
         Current parameters (float64).
     J : float or None
@@ -124,7 +127,7 @@ class OptimizerState:
             raise ValueError(f"theta0: expected a non-empty vector, got shape {theta.shape}")
         if not np.all(np.isfinite(theta)):
             raise ValueError("theta0: contains non-finite values")
-        return cls(method=method, options=opts, theta=theta)
+        return cls(method=method, options=MappingProxyType(opts), theta=theta)
 
     # ---------------------------------------------------------------- views
     @property
@@ -144,7 +147,7 @@ class OptimizerState:
 
     def replace(self, **changes: Any) -> OptimizerState:
         """A copy with some fields changed (``dataclasses.replace``)."""
-        return replace(self, **changes)
+        return dataclasses.replace(self, **changes)
 
     # ---------------------------------------------------------------- persistence
     def to_arrays(self) -> dict[str, np.ndarray]:
@@ -191,9 +194,9 @@ class OptimizerState:
 
         method = check_method(meta["method"])
         last_step = meta["last_step"]
-        return cls(
+        state = cls(
             method=method,
-            options=check_options(method, meta["options"]),
+            options=MappingProxyType(check_options(method, meta["options"])),
             theta=vec("theta"),
             J=scalar("J"),
             grad=vec("grad"),
@@ -208,6 +211,13 @@ class OptimizerState:
             d_prev=vec("d_prev"),
             g_prev=vec("g_prev"),
         )
+        n = state.theta.shape
+        vectors = [state.grad, state.d_prev, state.g_prev, *state.s, *state.y]
+        if len(state.s) != len(state.y) or any(v is not None and v.shape != n for v in vectors):
+            raise ValueError("state: the arrays in the file have inconsistent shapes")
+        if state.status not in STATUSES:
+            raise ValueError(f"state: unknown status {state.status!r}")
+        return state
 
     def save(self, path: str | os.PathLike) -> None:
         """Write the state to ``path`` (npz format) atomically.
