@@ -4,6 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -174,6 +178,40 @@ def test_resume_is_bitwise(sae_problem, tmp_path, method, options):
         assert a.J == b.J and a.n_evals == b.n_evals and a.last_step == b.last_step
     assert end2.status == end.status == "max_iter"
     assert end2.n_evals == end.n_evals
+
+
+_PROCESS_SCRIPT = textwrap.dedent(
+    """
+    import sys
+    import numpy as np
+    import sae
+    from sae.optimize import OptimizerState, minimize
+
+    path, max_iter = sys.argv[1], int(sys.argv[2])
+    net = sae.Network.autoencoder(16, 6, lam=1e-3, rho=0.1, beta=3)
+    X = np.random.default_rng(42).uniform(0.0, 1.0, size=(200, 16))
+    try:
+        state = OptimizerState.load(path)
+    except FileNotFoundError:
+        state = OptimizerState.start("lbfgs", net.init_theta(0), {"memory": 5})
+    minimize(lambda t: sae.cost(net, t, X), state, max_iter).save(path)
+    """
+)
+
+
+def test_resume_in_a_new_process_is_bitwise(sae_problem, tmp_path):
+    """As a restarted service does: save in one process, continue in another."""
+    f, theta0 = sae_problem
+    straight = minimize(f, OptimizerState.start("lbfgs", theta0, {"memory": 5}), 25)
+    path = tmp_path / "run.npz"
+    env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])}
+    for budget in (9, 25):
+        cmd = [sys.executable, "-c", _PROCESS_SCRIPT, str(path), str(budget)]
+        subprocess.run(cmd, check=True, env=env, timeout=300)
+    resumed = OptimizerState.load(path)
+    assert resumed.iteration == 25 and resumed.status == "max_iter"
+    assert np.array_equal(bits(resumed.theta), bits(straight.theta))
+    assert resumed.J == straight.J and resumed.n_evals == straight.n_evals
 
 
 @pytest.mark.parametrize(("method", "options"), RESUME_CASES[1:])
