@@ -11,8 +11,6 @@ PASS when our cost is within 1% of scipy's (or lower).
 from __future__ import annotations
 
 import argparse
-import gzip
-import struct
 import time
 from pathlib import Path
 
@@ -20,21 +18,10 @@ import numpy as np
 import scipy.optimize
 
 import sae
+from sae.mnist import load_idx
 from sae.optimize import OptimizerState, minimize
 
 REPO = Path(__file__).resolve().parent.parent
-
-
-# TODO: use sae.mnist
-def _load_idx(path: Path) -> np.ndarray:
-    """A minimal reader of a gzipped IDX file of unsigned bytes: ndarray of its shape."""
-    with gzip.open(path, "rb") as fh:
-        zero, dtype_code, ndim = struct.unpack(">HBB", fh.read(4))
-        if zero != 0 or dtype_code != 0x08:
-            raise ValueError(f"{path}: not an IDX file of unsigned bytes")
-        shape = struct.unpack(f">{ndim}I", fh.read(4 * ndim))
-        data = np.frombuffer(fh.read(), dtype=np.uint8)
-    return data.reshape(shape)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -46,7 +33,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--passes", choices=["two", "fused"], default="fused")
     args = parser.parse_args(argv)
 
-    images = _load_idx(args.mnist / "t10k-images-idx3-ubyte.gz")
+    images = load_idx(args.mnist / "t10k-images-idx3-ubyte.gz")
     X = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
     net = sae.Network.autoencoder(X.shape[1], args.hidden, lam=3e-3, rho=0.1, beta=3)
     theta0 = net.init_theta(args.seed)
