@@ -52,6 +52,15 @@ class TrainSpec(BaseModel):
     finetune_iter: int = Field(
         0, ge=0, le=MAX_ITER, description="Fine-tuning iterations of a deep autoencoder"
     )
+    stages: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_UNITS,
+        description="Pretraining stages of a deep autoencoder (default: one per encoder layer)",
+    )
+    finetune_sparse: bool = Field(
+        False, description="Keep the hidden layers' sparsity penalty during fine-tuning"
+    )
 
     @field_validator("hidden")
     @classmethod
