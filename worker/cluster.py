@@ -44,7 +44,7 @@ def get_client(
     memory_limit : str or int or None
         Memory limit of each embedded worker (``"auto"``, ``"700MB"``, bytes, None/0 for none).
     dashboard : bool
-        Serve the dashboard (on any free port) for an embedded cluster.
+        Kept for callers; an embedded cluster always serves its dashboard on a free port.
     quiet : bool
         Silence the cluster's informational logging.
 
@@ -75,7 +75,7 @@ def get_client(
         threads_per_worker=threads_per_worker,
         processes=True,
         memory_limit=memory_limit if memory_limit not in (None, "none") else 0,
-        dashboard_address=":0" if dashboard else None,
+        dashboard_address=":0",
         env=worker_env(1),
         **kwargs,
     )

@@ -155,7 +155,7 @@ def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
 
 def write_json(path: Path, data: Any) -> None:
     """Write JSON atomically."""
-    payload = json.dumps(data, indent=1, allow_nan=True).encode()
+    payload = json.dumps(data, allow_nan=True).encode()
     _atomic_write_bytes(Path(path), lambda fh: fh.write(payload))
 
 
@@ -204,6 +204,64 @@ def _save_cost(history: list[dict], path: Path) -> Path | None:
     return save_cost_png(history, path)
 
 
+# --------------------------------------------------------------------------- checkpoints
+
+
+class CheckpointWriter:
+    """Writes (history, state) checkpoints in order on a background thread.
+
+    Every iteration's checkpoint is written (history.json first, then state.npz, each
+    atomically), in order; the optimizer only waits when ``max_pending`` checkpoints are
+    queued, so disk syncs overlap the next evaluations. :meth:`flush` waits for all of them
+    and re-raises a write error.
+    """
+
+    def __init__(self, history_path: Path, state_path: Path, max_pending: int = 4) -> None:
+        import queue
+        import threading
+
+        self.history_path, self.state_path = history_path, state_path
+        self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
+        self._error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
+        self._thread.start()
+
+    def _run(self) -> None:
+        while True:
+            item = self._queue.get()
+            try:
+                if item is None:
+                    return
+                history, state = item
+                if self._error is None:
+                    write_json(self.history_path, history)
+                    state.save(self.state_path)
+            except BaseException as exc:  # noqa: BLE001 - re-raised by flush()
+                self._error = exc
+            finally:
+                self._queue.task_done()
+
+    def put(self, history: list[dict], state) -> None:
+        """Queue the checkpoint of one iteration (``history`` is copied)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put((list(history), state))
+
+    def flush(self) -> None:
+        """Wait until every queued checkpoint is on disk."""
+        self._queue.join()
+        if self._error is not None:
+            raise self._error
+
+    def close(self) -> None:
+        """Flush and stop the thread."""
+        try:
+            self.flush()
+        finally:
+            self._queue.put(None)
+            self._thread.join()
+
+
 # --------------------------------------------------------------------------- one stage
 
 
@@ -223,6 +281,7 @@ def train_stage(
     metadata: dict | None = None,
     refresh_seconds: float = REFRESH_SECONDS,
     write_pictures: bool = True,
+    write_cost: bool = True,
     entry_extra: dict | None = None,
 ) -> StageResult:
     """Minimise ``objective`` from ``theta0`` with checkpoints after every iteration.
@@ -244,7 +303,9 @@ def train_stage(
     max_iter : int
         Total iterations of the stage (a resumed stage continues up to it).
     on_iteration : callable, optional
-        Called with each history entry after it is checkpointed.
+        Called with each history entry once its checkpoint is queued (checkpoints are
+        written in order by a background thread and all are on disk when the stage
+        returns).
     should_stop : callable, optional
         Checked after each iteration; True stops the stage with status ``"cancelled"``,
         leaving the last checkpoint intact.
@@ -257,7 +318,9 @@ def train_stage(
     refresh_seconds : float
         Interval of filters.png / model.npz refreshes while training.
     write_pictures : bool
-        Write filters.png and cost.png.
+        Write filters.png (at iteration 0, every ``refresh_seconds`` and at the end).
+    write_cost : bool
+        Write cost.png at the end.
     entry_extra : dict, optional
         Keys added to each history entry (e.g. ``{"stage": 1}``).
 
@@ -312,8 +375,7 @@ def train_stage(
         if history and history[-1]["iteration"] >= entry["iteration"]:
             return bool(should_stop and should_stop())  # already recorded (resumed state)
         history.append(entry)
-        write_json(history_path, history)  # history first: resume truncates to the state
-        st.save(state_path)
+        writer.put(history, st)  # history first: resume truncates it to the state
         refresh(st.theta, force=st.iteration == 0)
         if on_iteration is not None:
             on_iteration(dict(entry))
@@ -321,8 +383,12 @@ def train_stage(
 
     status, message = "succeeded", ""
     final = state
+    writer = CheckpointWriter(history_path, state_path)
     try:
-        final = minimize(objective, state, max_iter, callback)
+        try:
+            final = minimize(objective, state, max_iter, callback)
+        finally:
+            writer.close()
         message = final.message
         if final.status == "cancelled":
             status = "cancelled"
@@ -338,8 +404,8 @@ def train_stage(
     save_model(model_path, net, theta, metadata)
     if write_pictures:
         _save_filters(net, theta, sample_shape, filters_path)
-        if history:
-            _save_cost(history, out / COST)
+    if write_cost and history:
+        _save_cost(history, out / COST)
     seconds = history[-1]["seconds"] if history else offset
     return StageResult(
         status=status,
@@ -466,6 +532,7 @@ def run_local_stage(
         sample_shape=sample_shape,
         metadata=metadata,
         refresh_seconds=refresh_seconds,
+        write_cost=False,  # drawn by the client, off the critical path
     )
     d = asdict(res)
     d.pop("history")
@@ -723,6 +790,10 @@ def _train_local(
     resume: bool,
     refresh_seconds: float,
 ) -> dict:
+    import threading
+
+    # Warm matplotlib up here while the task trains, to draw cost.png at the end.
+    threading.Thread(target=_warm_display, daemon=True).start()
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     kwargs: dict = {}
     if workers:
@@ -745,7 +816,18 @@ def _train_local(
         pure=False,
         **kwargs,
     )
-    return _follow_local(client, future, out, on_iteration, should_stop)
+    stage = _follow_local(client, future, out, on_iteration, should_stop)
+    history = read_history(out / HISTORY)
+    if history:
+        _save_cost(history, out / COST)
+    return stage
+
+
+def _warm_display() -> None:
+    with contextlib.suppress(Exception):
+        import matplotlib.backends.backend_agg  # noqa: F401
+        import matplotlib.figure  # noqa: F401
+        import sae.display  # noqa: F401
 
 
 def _dashboard(client) -> str | None:
