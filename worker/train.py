@@ -545,7 +545,7 @@ def _follow_local(
     out: Path,
     on_iteration: Callable[[dict], None] | None,
     should_stop: Callable[[], bool] | None,
-    poll: float = 0.2,
+    poll: float = 0.1,
 ) -> dict:
     """Wait for a local-plan task, forwarding history entries and cancel requests."""
     from distributed import wait
