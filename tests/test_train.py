@@ -104,8 +104,9 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
     def stop() -> bool:
         return bool(seen) and seen[-1]["iteration"] >= 5
 
-    res = train(spec, out, client=two_workers, plan=plan, on_iteration=seen.append,
-                should_stop=stop)
+    res = train(
+        spec, out, client=two_workers, plan=plan, on_iteration=seen.append, should_stop=stop
+    )
     assert res.status == "cancelled"
     done = OptimizerState.load(out / "state.npz").iteration
     assert 5 <= done < n
@@ -146,8 +147,11 @@ def test_sigmoid_output_on_data_outside_unit_range(two_workers, tmp_path):
     write_dataset(path, X, *X.shape, dtype="float64", preprocessing={"value_range": vr})
     with pytest.raises(ValueError, match="output_activation"):
         train(_spec(str(path), hidden=4), tmp_path / "o", client=two_workers)
-    res = train(_spec(str(path), hidden=4, output_activation="linear", max_iter=3),
-                tmp_path / "o", client=two_workers)
+    res = train(
+        _spec(str(path), hidden=4, output_activation="linear", max_iter=3),
+        tmp_path / "o",
+        client=two_workers,
+    )
     assert res.status == "succeeded"
 
 
@@ -174,8 +178,20 @@ def test_cli_train_resume_and_gradcheck(patches, tmp_path):
     path, X = patches
     runner = CliRunner()
     out = tmp_path / "cli"
-    args = ["train", path, "--hidden", "5", "--max-iter", "4", "--workers", "1",
-            "--memory-limit", "1GB", "--out", str(out)]
+    args = [
+        "train",
+        path,
+        "--hidden",
+        "5",
+        "--max-iter",
+        "4",
+        "--workers",
+        "1",
+        "--memory-limit",
+        "1GB",
+        "--out",
+        str(out),
+    ]
     r = runner.invoke(_cli(), args)
     assert r.exit_code == 0, r.output
     assert "Dashboard: http" in r.output and "model.npz" in r.output
@@ -187,8 +203,18 @@ def test_cli_train_resume_and_gradcheck(patches, tmp_path):
     assert json.loads((out / "history.json").read_text())[-1]["iteration"] == 4
     r = runner.invoke(
         _cli(),
-        ["gradcheck", path, "--hidden", "4", "--n-coords", "6", "--workers", "1",
-         "--memory-limit", "1GB"],
+        [
+            "gradcheck",
+            path,
+            "--hidden",
+            "4",
+            "--n-coords",
+            "6",
+            "--workers",
+            "1",
+            "--memory-limit",
+            "1GB",
+        ],
     )
     assert r.exit_code == 0, r.output
     diff = float(r.output.split("coordinates")[1].split(":")[1].split()[0])

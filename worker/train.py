@@ -827,6 +827,7 @@ def _warm_display() -> None:
     with contextlib.suppress(Exception):
         import matplotlib.backends.backend_agg  # noqa: F401
         import matplotlib.figure  # noqa: F401
+
         import sae.display  # noqa: F401
 
 
