@@ -47,11 +47,13 @@ NET = Network.autoencoder(36, 10, lam=1e-3, rho=0.05, beta=2.0)
 
 
 @pytest.mark.parametrize("passes", ["two", "fused"])
-@pytest.mark.parametrize("cache", [False, True])
-def test_distributed_equals_in_memory(two_workers, small, passes, cache):
+@pytest.mark.parametrize(("cache", "single"), [(False, False), (True, False), (True, None)])
+def test_distributed_equals_in_memory(two_workers, small, passes, cache, single):
     path, X = small
     theta = NET.init_theta(1)
-    f = DistributedObjective(two_workers, path, NET, passes=passes, cache=cache, job="eq")
+    f = DistributedObjective(
+        two_workers, path, NET, passes=passes, cache=cache, job="eq", single_task=single
+    )
     J, g = f(theta)
     J0, g0 = obj.cost(NET, theta, X)
     assert abs(J - J0) <= 1e-12 * abs(J0)
@@ -68,7 +70,7 @@ def test_tanh_linear_no_sparsity(two_workers, small):
         36, 7, lam=1e-4, rho=None, activation="tanh", output_activation="linear"
     )
     theta = net.init_theta(2)
-    J, g = DistributedObjective(two_workers, path, net, job="nosparse")(theta)
+    J, g = DistributedObjective(two_workers, path, net, job="nosparse", single_task=False)(theta)
     J0, g0 = obj.cost(net, theta, X)
     assert abs(J - J0) <= 1e-12 * abs(J0) and _rel(g, g0) <= 1e-12
 
@@ -76,7 +78,8 @@ def test_tanh_linear_no_sparsity(two_workers, small):
 def test_float32_close(two_workers, small):
     path, X = small
     theta = NET.init_theta(3)
-    J, g = DistributedObjective(two_workers, path, NET, dtype="float32", job="f32")(theta)
+    f = DistributedObjective(two_workers, path, NET, dtype="float32", single_task=False)
+    J, g = f(theta)
     J0, g0 = obj.cost(NET, theta, X)
     assert abs(J - J0) <= 1e-5 * abs(J0)
     assert _rel(g, g0) <= 1e-4
@@ -126,12 +129,14 @@ def test_bitwise_across_worker_counts_cache_and_local_twin(two_workers, small):
     for passes in ("two", "fused"):
         ref = LocalObjective(path, NET, passes=passes)(theta)
         results.append((passes, "local", ref))
-        for cache in (False, True):
+        for cache, single in ((False, False), (True, False), (True, True)):
             results.append(
                 (
                     passes,
                     f"2w-cache{cache}",
-                    DistributedObjective(two_workers, path, NET, passes=passes, cache=cache)(theta),
+                    DistributedObjective(
+                        two_workers, path, NET, passes=passes, cache=cache, single_task=single
+                    )(theta),
                 )
             )
     with get_client(workers=1, memory_limit="1GB", dashboard=False) as (c1, _):
@@ -141,7 +146,9 @@ def test_bitwise_across_worker_counts_cache_and_local_twin(two_workers, small):
                     (
                         passes,
                         f"1w-cache{cache}",
-                        DistributedObjective(c1, path, NET, passes=passes, cache=cache)(theta),
+                        DistributedObjective(
+                            c1, path, NET, passes=passes, cache=cache, single_task=False
+                        )(theta),
                     )
                 )
     for passes in ("two", "fused"):
@@ -158,7 +165,9 @@ def test_cache_affinity_and_invalidation(two_workers, tmp_path):
     write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=100)
     net = Network.autoencoder(16, 4, lam=1e-3, rho=0.1, beta=1.0)
     theta = net.init_theta(0)
-    f = DistributedObjective(two_workers, str(path), net, cache=True, job="cache")
+    f = DistributedObjective(
+        two_workers, str(path), net, cache=True, job="cache", single_task=False
+    )
     for _ in range(3):
         f(theta)
     stats = two_workers.run(cache_stats)
@@ -226,7 +235,7 @@ def test_missing_chunk_names_it(two_workers, tmp_path):
     path, _ = _bad_dataset(tmp_path, "missing")
     _chunk_file(path, 3).unlink()
     net = Network.autoencoder(8, 3, rho=0.1, beta=1.0)
-    f = DistributedObjective(two_workers, path, net, job="missing")
+    f = DistributedObjective(two_workers, path, net, job="missing", single_task=False)
     with pytest.raises(ChunkError, match="chunk 3 .*missing"):
         f(net.init_theta(0))
 

@@ -32,6 +32,11 @@ def _spec(path: str, **kw) -> TrainSpec:
     return TrainSpec(**base)
 
 
+#: The distributed plan with one task per chunk (the engine would run this small data as
+#: one task).
+PER_CHUNK = {"single_task": False}
+
+
 def _theta(out: Path) -> np.ndarray:
     return load_model(out / "model.npz")[1]
 
@@ -41,7 +46,14 @@ def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
     path, X = patches
     seen = []
     out = tmp_path / plan
-    res = train(_spec(path), out, client=two_workers, plan=plan, on_iteration=seen.append)
+    res = train(
+        _spec(path),
+        out,
+        client=two_workers,
+        plan=plan,
+        engine_options=PER_CHUNK,
+        on_iteration=seen.append,
+    )
     assert res.status == "succeeded" and res.plan == plan
     hist = json.loads((out / "history.json").read_text())
     assert isinstance(hist, list) and hist[0]["iteration"] == 0
@@ -76,7 +88,7 @@ def test_local_and_distributed_plans_agree_bitwise(two_workers, patches, tmp_pat
     path, _ = patches
     spec = _spec(path, max_iter=8, passes="fused")
     train(spec, tmp_path / "a", client=two_workers, plan="local")
-    train(spec, tmp_path / "b", client=two_workers, plan="distributed")
+    train(spec, tmp_path / "b", client=two_workers, plan="distributed", engine_options=PER_CHUNK)
     assert np.array_equal(_theta(tmp_path / "a"), _theta(tmp_path / "b"))
 
 
@@ -97,7 +109,7 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
     # it enough iterations to still be running then.
     n = 15 if plan == "distributed" else 300
     spec = _spec(path, max_iter=n)
-    train(spec, tmp_path / "full", client=two_workers, plan=plan)
+    train(spec, tmp_path / "full", client=two_workers, plan=plan, engine_options=PER_CHUNK)
     out = tmp_path / "cut"
     seen: list[dict] = []
 
@@ -105,14 +117,20 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
         return bool(seen) and seen[-1]["iteration"] >= 5
 
     res = train(
-        spec, out, client=two_workers, plan=plan, on_iteration=seen.append, should_stop=stop
+        spec,
+        out,
+        client=two_workers,
+        plan=plan,
+        engine_options=PER_CHUNK,
+        on_iteration=seen.append,
+        should_stop=stop,
     )
     assert res.status == "cancelled"
     done = OptimizerState.load(out / "state.npz").iteration
     assert 5 <= done < n
     hist = json.loads((out / "history.json").read_text())
     assert hist[-1]["iteration"] == done
-    res2 = train(spec, out, client=two_workers, plan=plan, resume=True)
+    res2 = train(spec, out, client=two_workers, plan=plan, engine_options=PER_CHUNK, resume=True)
     assert res2.status == "succeeded" and res2.iterations == n
     assert np.array_equal(_theta(out), _theta(tmp_path / "full"))
     hist = json.loads((out / "history.json").read_text())
@@ -124,7 +142,7 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
 def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
     path, _ = patches
     spec = _spec(path, max_iter=10)
-    train(spec, tmp_path / "ref", client=two_workers, plan=plan)
+    train(spec, tmp_path / "ref", client=two_workers, plan=plan, engine_options=PER_CHUNK)
     pids = two_workers.run(os.getpid)
     victim = sorted(pids)[0]  # the local plan's task runs there
     killed = []
@@ -134,7 +152,14 @@ def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
             os.kill(pids[victim], signal.SIGKILL)
             killed.append(victim)
 
-    res = train(spec, tmp_path / "hit", client=two_workers, plan=plan, on_iteration=on_iteration)
+    res = train(
+        spec,
+        tmp_path / "hit",
+        client=two_workers,
+        plan=plan,
+        engine_options=PER_CHUNK,
+        on_iteration=on_iteration,
+    )
     assert killed and res.status == "succeeded" and res.iterations == 10
     assert np.array_equal(_theta(tmp_path / "hit"), _theta(tmp_path / "ref"))
     two_workers.wait_for_workers(2, timeout=60)
@@ -162,7 +187,13 @@ def test_bad_chunk_fails_the_job_naming_it(two_workers, tmp_path):
     (path / "X" / "c" / "2" / "0").unlink()
     for plan in ("local", "distributed"):
         with pytest.raises(ChunkError, match="chunk 2 "):
-            train(_spec(str(path), hidden=4), tmp_path / plan, client=two_workers, plan=plan)
+            train(
+                _spec(str(path), hidden=4),
+                tmp_path / plan,
+                client=two_workers,
+                plan=plan,
+                engine_options=PER_CHUNK,
+            )
 
 
 # ------------------------------------------------------------------------------- the CLI

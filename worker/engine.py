@@ -45,6 +45,8 @@ Passes = Literal["two", "fused"]
 Target = Literal["inputs", "raw"]
 
 DEFAULT_FAN_IN = 8
+#: Datasets up to this size (decoded) are evaluated by one task (no scheduling per chunk).
+SINGLE_TASK_BYTES = 4 * 2**20
 #: theta is inlined in every task while (theta bytes x chunks) stays under this.
 INLINE_THETA_BYTES = 2**20
 #: Share of a worker's memory limit the chunk cache may use.
@@ -219,6 +221,57 @@ def _finalize_one(net: Network, theta: np.ndarray, *parts: obj.Sums):
     return obj.finalize(net, theta, _sum(*parts))
 
 
+def evaluate_chunks(
+    net: Network,
+    theta: np.ndarray,
+    chunks,
+    passes: Passes,
+    dtype: str,
+    m: int,
+    fan_in: int = DEFAULT_FAN_IN,
+) -> tuple[float, np.ndarray]:
+    """The objective from an iterable of ``(X, Y)`` chunk pairs, in one process, with the
+    same chunk sums and the same fixed-shape tree as the distributed graph (same bits).
+
+    ``chunks`` is called twice (a callable returning an iterable) for two passes.
+    """
+    if passes == "fused":
+        total = sequential_tree_sum(
+            [obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
+        )
+        return obj.finalize(net, theta, total)
+    if net.sparse_layers:
+        s1 = sequential_tree_sum(
+            [obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks()], fan_in
+        )
+        rh = obj.rho_hat(net, s1)
+    else:
+        s1 = {"count": np.float64(m)}
+        rh = {}
+    s2 = sequential_tree_sum(
+        [obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
+    )
+    return obj.finalize(net, theta, obj.merge_sums(s1, s2))
+
+
+def _whole(
+    net: Network,
+    theta: np.ndarray,
+    src: ChunkSource,
+    n: int,
+    m: int,
+    passes: str,
+    fan_in: int,
+    encoder=None,
+):
+    """One task evaluating the whole objective of a small dataset."""
+
+    def chunks():
+        return (_stage_data(src, i, encoder) for i in range(n))
+
+    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in)
+
+
 # --------------------------------------------------------------------------- the tree
 
 
@@ -355,6 +408,9 @@ class DistributedObjective:
     should_stop : callable, optional
         Checked before each evaluation; when it returns True the call raises
         :class:`Cancelled`.
+    single_task : bool, optional
+        Evaluate everything in one task (``whole-<job>``): no per-chunk scheduling, the same
+        bits. Default: for one chunk or up to :data:`SINGLE_TASK_BYTES` of data.
 
     Attributes
     ----------
@@ -376,6 +432,7 @@ class DistributedObjective:
         cache: bool | None = None,
         fan_in: int = DEFAULT_FAN_IN,
         should_stop=None,
+        single_task: bool | None = None,
     ) -> None:
         if passes not in ("two", "fused"):
             raise ValueError(f"passes: choose 'two' or 'fused', got {passes!r}")
@@ -395,6 +452,7 @@ class DistributedObjective:
         self.job = _clean_job(job)
         self.fan_in = fan_in
         self.should_stop = should_stop
+        self.single_task = single_task
         self.stats = EvalStats()
         n_raw = self.info.shape[1]
         if encoder is not None:
@@ -516,7 +574,24 @@ class DistributedObjective:
                 return common
             return pinned.setdefault(i % len(self._workers), {})
 
-        if self.passes == "fused":
+        single = self.single_task
+        if single is None:
+            single = n == 1 or self._stage_nbytes() <= SINGLE_TASK_BYTES
+        if single:
+            # Small: one task evaluates everything (same sums, same tree, same bits).
+            final = f"whole-{job}-{tok}"
+            pin(0)[final] = (
+                _whole,
+                net,
+                th,
+                src,
+                n,
+                self.info.shape[0],
+                self.passes,
+                self.fan_in,
+                *enc_args,
+            )
+        elif self.passes == "fused":
             leaves = []
             for i in range(n):
                 k = (f"fused-{job}-{tok}", i)
@@ -533,8 +608,11 @@ class DistributedObjective:
                     pin(i)[k] = (_chunk_pass1, net, th, src, i, *enc_args)
                     leaves1.append(k)
                 roots1 = tree_sum(common, leaves1, f"sum1-{job}-{tok}", self.fan_in)
-                total1 = f"sum1-{job}-{tok}"
-                common[total1] = (_sum, *roots1)
+                if len(roots1) == 1:  # one chunk: its sums are the total
+                    total1 = roots1[0]
+                else:
+                    total1 = f"sum1-{job}-{tok}"
+                    common[total1] = (_sum, *roots1)
             else:
                 total1 = f"count-{job}-{tok}"
                 common[total1] = {"count": np.float64(self.info.shape[0])}
@@ -643,27 +721,16 @@ class LocalObjective:
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("stopped before an evaluation")
         t0 = time.perf_counter()
-        net, dt = self.net, self.dtype
         theta = np.asarray(theta, dtype=np.float64)
-        if self.passes == "fused":
-            total = sequential_tree_sum(
-                [obj.fused(net, theta, X, Y=Y, dtype=dt) for X, Y in self.chunks], self.fan_in
-            )
-            out = obj.finalize(net, theta, total)
-        else:
-            if net.sparse_layers:
-                s1 = sequential_tree_sum(
-                    [obj.pass1(net, theta, X, dtype=dt) for X, _ in self.chunks], self.fan_in
-                )
-                rh = obj.rho_hat(net, s1)
-            else:
-                s1 = {"count": np.float64(self.info.shape[0])}
-                rh = {}
-            s2 = sequential_tree_sum(
-                [obj.pass2(net, theta, X, rh, Y=Y, dtype=dt) for X, Y in self.chunks],
-                self.fan_in,
-            )
-            out = obj.finalize(net, theta, obj.merge_sums(s1, s2))
+        out = evaluate_chunks(
+            self.net,
+            theta,
+            lambda: iter(self.chunks),
+            self.passes,
+            self.dtype,
+            self.info.shape[0],
+            self.fan_in,
+        )
         d = time.perf_counter() - t0
         self.stats.n_evals += 1
         self.stats.seconds += d

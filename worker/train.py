@@ -610,6 +610,7 @@ def train(
     job: str | None = None,
     cluster_options: dict | None = None,
     refresh_seconds: float = REFRESH_SECONDS,
+    engine_options: dict | None = None,
 ) -> TrainResult:
     """Train the autoencoder a spec describes, on a Dask cluster.
 
@@ -636,6 +637,9 @@ def train(
     job : str, optional
         Name in task keys (default: the folder's name).
     cluster_options : dict, optional
+    engine_options : dict, optional
+        Extra arguments of :class:`worker.engine.DistributedObjective` (``cache``,
+        ``fan_in``, ``single_task``) for the distributed plan.
     refresh_seconds : float
         Interval of filters.png refreshes.
 
@@ -665,6 +669,7 @@ def train(
                 plan=plan,
                 job=job,
                 refresh_seconds=refresh_seconds,
+                engine_options=engine_options,
             )
     out = Path(out_dir)
     path = str(dataset_path or spec.dataset)
@@ -737,6 +742,7 @@ def train(
             dtype=spec.dtype,
             job=job_name,
             should_stop=should_stop,
+            **(engine_options or {}),
         )
         res = train_stage(
             net,
