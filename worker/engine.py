@@ -1,13 +1,18 @@
 """The distributed objective: ``f(theta) -> (J, grad)`` as one Dask graph over Zarr chunks.
 
-One evaluation is one graph sent with ``client.get``::
+One evaluation is one graph sent with ``client.get`` (keys named by pass and job, so the
+dashboard's task stream shows pass 1 and pass 2 of each evaluation)::
 
-    theta ─┬─ pass1-<job> (chunk 0) ─┐
-           ├─ pass1-<job> (chunk 1) ─┼─ sum1-<job> (tree) ── rho-<job> ─┐
-           ├─ ...                    ┘                                  │
-           ├─ pass2-<job> (chunk 0) ─────────────────────────────────────┤ (each pass-2 task
-           ├─ pass2-<job> (chunk 1) ─────────────────────────────────────┘  needs rho_hat)
-           └─ ...   ── sum2-<job> (tree) ── final-<job> -> (J, grad)
+    pass1-<job> (chunk 0) ─┐
+    pass1-<job> (chunk 1) ─┼─ sum1-<job> (tree) ─ total1 ─┬─ pass2-<job> (chunk 0) ─┐
+    ...                    ┘                               ├─ pass2-<job> (chunk 1) ─┼─ sum2-<job>
+                                                           └─ ...                    ┘  (tree)
+                                                                 final-<job> -> (J, grad)
+
+each pass-2 task computes rho_hat from the pass-1 total it depends on, inside the graph.
+``passes="fused"`` has ``fused-<job>`` leaves, a ``sum-<job>`` tree and ``final-<job>``. A
+small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by one task
+``whole-<job>`` with the same chunk sums and tree.
 
 - Tasks read their own chunk with :func:`worker.dataset.read_chunk`; the client never ships
   data and nothing concatenates chunks. A task's result is a dict of sums of size O(params).
@@ -19,7 +24,8 @@ One evaluation is one graph sent with ``client.get``::
 - When the dataset fits in the workers' memory, decoded chunks stay in a bytes-bounded LRU
   cache on each worker, and chunk ``i`` is pinned to worker ``i mod n`` (other workers may
   still run it, e.g. after a fault), so each evaluation reads from memory.
-- theta (and a frozen encoder) is embedded once in the graph, not once per task.
+- theta is inlined in the tasks when small, else embedded once in the graph (as is a frozen
+  encoder), never sent once per task.
 """
 
 from __future__ import annotations
@@ -49,8 +55,11 @@ DEFAULT_FAN_IN = 8
 SINGLE_TASK_BYTES = 4 * 2**20
 #: theta is inlined in every task while (theta bytes x chunks) stays under this.
 INLINE_THETA_BYTES = 2**20
-#: Share of a worker's memory limit the chunk cache may use.
-CACHE_FRACTION = 0.5
+#: The chunk cache of a worker may use this share of its memory limit, minus
+#: :data:`CACHE_RESERVED_BYTES` (the interpreter, libraries and a task's working set): it stays
+#: below the worker's pause threshold (80% of the limit).
+CACHE_FRACTION = 0.6
+CACHE_RESERVED_BYTES = 256 * 2**20
 
 
 class Cancelled(Exception):
@@ -521,7 +530,7 @@ class DistributedObjective:
             import psutil
 
             limit = psutil.virtual_memory().total // n
-        budget = int(CACHE_FRACTION * limit)
+        budget = max(0, int(CACHE_FRACTION * limit) - CACHE_RESERVED_BYTES)
         need = -(-self._stage_nbytes() // n)
         # One chunk more per worker: chunk counts do not divide evenly.
         chunk = self.info.chunk_rows * self._stage_nbytes() // max(1, self.info.shape[0])
