@@ -266,3 +266,44 @@ def test_cli_bad_spec_is_a_clean_message(patches, tmp_path, args, field):
     r = CliRunner().invoke(_cli(), ["train", path, "--out", str(tmp_path / "x"), *args])
     assert r.exit_code != 0
     assert field in r.output and "Traceback" not in r.output
+
+
+def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers, patches, tmp_path):
+    from worker.engine import DistributedObjective
+    from worker.train import train_stage
+
+    path, _ = patches
+    net = build_network(_spec(path), 36)
+    theta0 = net.init_theta(7)
+    full = train_stage(
+        net,
+        theta0,
+        DistributedObjective(two_workers, path, net),
+        tmp_path / "full",
+        max_iter=10,
+        write_pictures=False,
+        write_cost=False,
+    )
+    calls = [0]
+
+    def stop_at_seventh_evaluation() -> bool:
+        calls[0] += 1
+        return calls[0] > 7
+
+    f = DistributedObjective(two_workers, path, net, should_stop=stop_at_seventh_evaluation)
+    cut = train_stage(net, theta0, f, tmp_path / "cut", max_iter=10, write_pictures=False)
+    assert cut.status == "cancelled" and f.n_evals == 7
+    state = OptimizerState.load(tmp_path / "cut" / "state.npz")
+    assert state.n_evals <= 7 and cut.iterations == state.iteration < 10
+    again = train_stage(
+        net,
+        theta0,
+        DistributedObjective(two_workers, path, net),
+        tmp_path / "cut",
+        max_iter=10,
+        resume=True,
+        write_pictures=False,
+    )
+    assert again.status == "succeeded" and again.iterations == 10
+    assert np.array_equal(again.theta, full.theta)
+    assert again.evaluations == full.evaluations
