@@ -18,8 +18,11 @@ total, and both sides compute in the same dtype):
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import shutil
+import subprocess
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -70,8 +73,8 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
         X = read_all(path, dtype=dtype)
         fns = {}
         for passes in ("two", "fused"):
-            fns[f"inmem-{passes}"] = (
-                lambda p=passes: obj.cost(net, theta, X, passes=p, dtype=dtype)
+            fns[f"inmem-{passes}"] = lambda p=passes, X=X, dt=dtype: obj.cost(
+                net, theta, X, passes=p, dtype=dt
             )
             for cache in (False, True):
                 f = DistributedObjective(
@@ -80,7 +83,7 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
                 if cache and f.cache_bytes == 0:
                     print("  (cache does not fit: skipped)")
                     continue
-                fns[f"{'cached' if cache else 'ooc'}-{passes}"] = (lambda f=f: f(theta))
+                fns[f"{'cached' if cache else 'ooc'}-{passes}"] = lambda f=f: f(theta)
         times = _interleaved(fns, args.rounds)
         print(f"-- dtype {dtype}")
         for passes in ("two", "fused"):
@@ -124,7 +127,10 @@ def bench_overhead(client, tmp: Path, args) -> None:
     for passes in ("two", "fused"):
         f = DistributedObjective(client, str(path), net, passes=passes, job="tiny")
         times = _interleaved(
-            {"inmem": lambda p=passes: obj.cost(net, theta, X, passes=p), "dist": lambda: f(theta)},
+            {
+                "inmem": lambda p=passes: obj.cost(net, theta, X, passes=p),
+                "dist": lambda f=f: f(theta),
+            },
             args.rounds * 4,
         )
         over = _median(times["dist"]) - _median(times["inmem"])
@@ -135,10 +141,44 @@ def bench_overhead(client, tmp: Path, args) -> None:
         )
 
 
-def bench_small_job(client, tmp: Path, args) -> None:
+def _scipy_job(path: str, max_iter: int) -> dict:
+    """The plain in-memory scipy L-BFGS-B run of the small job (timed without start-up)."""
     import scipy.optimize
 
     from sae import objective as obj
+    from sae.network import Network
+    from worker.dataset import read_all
+
+    X = read_all(path)
+    net = Network.autoencoder(64, 25, lam=1e-4, rho=0.01, beta=3.0)
+    theta0 = net.init_theta(0)
+    t = time.perf_counter()
+    res = scipy.optimize.minimize(
+        lambda th: obj.cost(net, th, X),
+        theta0,
+        jac=True,
+        method="L-BFGS-B",
+        options={"maxiter": max_iter},
+    )
+    return {"seconds": time.perf_counter() - t, "nit": res.nit, "nfev": res.nfev, "fun": res.fun}
+
+
+def _scipy_job_subprocess(path: str, max_iter: int, blas_threads: int | None) -> dict:
+    env = dict(os.environ)
+    if blas_threads is not None:
+        for var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
+            env[var] = str(blas_threads)
+    out = subprocess.run(
+        [sys.executable, __file__, "--scipy-job", path, "--max-iter", str(max_iter)],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
+def bench_small_job(client, tmp: Path, args) -> None:
     from sae.network import Network
     from sae.preprocess import normalize_patches, photographs, sample_patches
     from worker.dataset import write_dataset
@@ -152,35 +192,43 @@ def bench_small_job(client, tmp: Path, args) -> None:
         dataset=str(path), hidden=25, lam=1e-4, rho=0.01, beta=3.0, max_iter=args.max_iter
     )
     net = Network.autoencoder(64, 25, lam=1e-4, rho=0.01, beta=3.0)
-    theta0 = net.init_theta(spec.seed)
     print(
         f"\n== small job: UFLDL natural images {X.shape}, {net.sizes}, {args.max_iter} L-BFGS "
         f"iterations, {args.job_rounds} runs each"
     )
-    base, ours, info = [], [], {}
+    base: dict[str, list[float]] = {"default": [], "1": []}
+    ours, info = [], {}
     for r in range(args.job_rounds):
-        t = time.perf_counter()
-        res = scipy.optimize.minimize(
-            lambda th: obj.cost(net, th, X),
-            theta0,
-            jac=True,
-            method="L-BFGS-B",
-            options={"maxiter": args.max_iter},
-        )
-        base.append(time.perf_counter() - t)
-        info["scipy"] = (res.nit, res.nfev, res.fun)
+        for threads in ("default", "1"):
+            res = _scipy_job_subprocess(
+                str(path), args.max_iter, None if threads == "default" else 1
+            )
+            base[threads].append(res["seconds"])
+            info["scipy"] = (res["nit"], res["nfev"], res["fun"])
         out = tmp / f"job-{r}"
         t = time.perf_counter()
         tr = train(spec, out, client=client)
         ours.append(time.perf_counter() - t)
         info["ours"] = (tr.iterations, tr.evaluations, tr.final_cost, tr.plan)
         shutil.rmtree(out, ignore_errors=True)
-    b, o = _median(base), _median(ours)
+    o = _median(ours)
     nit, nfev, fun = info["scipy"]
     it, ev, cost, plan = info["ours"]
-    print(f"  scipy L-BFGS-B in memory : {b:6.2f} s  ({nit} iterations, {nfev} evals, J {fun:.6f})")
-    print(f"  sae train ({plan} plan)   : {o:6.2f} s  ({it} iterations, {ev} evals, J {cost:.6f})")
-    print(f"  time ratio sae/scipy     : {o / b:.2f}x   per evaluation: {(o / ev) / (b / nfev):.2f}x")
+    for threads, label in (("default", "BLAS default threads"), ("1", "BLAS 1 thread")):
+        b = _median(base[threads])
+        print(
+            f"  scipy L-BFGS-B in memory ({label:20s}): {b:6.2f} s  ({nit} iterations, "
+            f"{nfev} evals, J {fun:.6f})"
+        )
+    print(
+        f"  sae train ({plan} plan, whole job: artifacts, checkpoints)  : {o:6.2f} s  "
+        f"({it} iterations, {ev} evals, J {cost:.6f})"
+    )
+    best = min(_median(base["default"]), _median(base["1"]))
+    print(
+        f"  time ratio sae / fastest scipy run: {o / best:.2f}x   per evaluation: "
+        f"{(o / ev) / (best / nfev):.2f}x"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -197,7 +245,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--only", choices=["throughput", "overhead", "job"], action="append", default=None
     )
+    parser.add_argument("--scipy-job", default=None, help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
+    if args.scipy_job:
+        print(json.dumps(_scipy_job(args.scipy_job, args.max_iter)))
+        return 0
     from worker.cluster import get_client
 
     only = set(args.only or ["throughput", "overhead", "job"])
