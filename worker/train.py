@@ -688,6 +688,7 @@ def train(
             on_iteration=on_iteration,
             should_stop=should_stop,
             resume=resume,
+            refresh_seconds=refresh_seconds,
         )
 
     net = build_network(spec, info.shape[1])
