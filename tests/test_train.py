@@ -141,16 +141,21 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
 @pytest.mark.parametrize("plan", ["local", "distributed"])
 def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
     path, _ = patches
-    spec = _spec(path, max_iter=10)
+    n = 10 if plan == "distributed" else 120  # the local task must still run at iteration 3
+    spec = _spec(path, max_iter=n)
     train(spec, tmp_path / "ref", client=two_workers, plan=plan, engine_options=PER_CHUNK)
     pids = two_workers.run(os.getpid)
-    victim = sorted(pids)[0]  # the local plan's task runs there
     killed = []
 
     def on_iteration(e: dict) -> None:
         if e["iteration"] == 3 and not killed:
-            os.kill(pids[victim], signal.SIGKILL)
-            killed.append(victim)
+            victim = sorted(pids)[0]
+            if plan == "local":  # the worker running the job's task
+                busy = two_workers.processing()
+                victim = next((w for w, keys in busy.items() if keys), None)
+            if victim is not None:
+                os.kill(pids[victim], signal.SIGKILL)
+                killed.append(victim)
 
     res = train(
         spec,
@@ -160,7 +165,7 @@ def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
         engine_options=PER_CHUNK,
         on_iteration=on_iteration,
     )
-    assert killed and res.status == "succeeded" and res.iterations == 10
+    assert killed and res.status == "succeeded" and res.iterations == n
     assert np.array_equal(_theta(tmp_path / "hit"), _theta(tmp_path / "ref"))
     two_workers.wait_for_workers(2, timeout=60)
 

@@ -22,7 +22,8 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
 - ``passes="fused"`` reads each chunk once (:func:`sae.objective.fused`); a network without a
   sparse layer skips pass 1.
 - When the dataset fits in the workers' memory, decoded chunks stay in a bytes-bounded LRU
-  cache on each worker, and chunk ``i`` is pinned to worker ``i mod n`` (other workers may
+  cache on each worker, and chunk ``i`` is pinned to worker ``(i + k) mod n`` (``k`` from a
+  hash of the path, so that small datasets spread over the workers; other workers may
   still run it, e.g. after a fault), so each evaluation reads from memory.
 - theta is inlined in the tasks when small, else embedded once in the graph (as is a frozen
   encoder), never sent once per task.
@@ -36,6 +37,7 @@ import re
 import threading
 import time
 import uuid
+import zlib
 from collections import OrderedDict
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -497,6 +499,8 @@ class DistributedObjective:
         self._workers_time = 0.0
         self._mem_limit = 0
         self._token = dataset_token(self.path)
+        # Datasets start their round-robin at different workers (small jobs spread out).
+        self._offset = zlib.crc32(self.path.encode())
         self._cache_request = cache
         self.cache_bytes = 0
         self._refresh_workers(force=True)
@@ -581,7 +585,7 @@ class DistributedObjective:
         def pin(i: int) -> dict:
             if not self._workers or self.cache_bytes == 0:
                 return common
-            return pinned.setdefault(i % len(self._workers), {})
+            return pinned.setdefault((i + self._offset) % len(self._workers), {})
 
         single = self.single_task
         if single is None:

@@ -34,6 +34,7 @@ import shutil
 import tempfile
 import time
 import uuid
+import zlib
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -803,8 +804,9 @@ def _train_local(
     threading.Thread(target=_warm_display, daemon=True).start()
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     kwargs: dict = {}
-    if workers:
-        kwargs = {"workers": [workers[0]], "allow_other_workers": True}
+    if workers:  # jobs spread over the workers by a hash of their folder
+        w = workers[zlib.crc32(str(out.resolve()).encode()) % len(workers)]
+        kwargs = {"workers": [w], "allow_other_workers": True}
     future = client.submit(
         run_local_stage,
         path,
