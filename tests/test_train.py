@@ -312,3 +312,20 @@ def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers,
     assert again.status == "succeeded" and again.iterations == 10
     assert np.array_equal(again.theta, full.theta)
     assert again.evaluations == full.evaluations
+
+
+def test_local_task_stops_when_superseded(two_workers, patches, tmp_path):
+    """A newer run of the same job folder takes over: the older task stops itself."""
+    path, _ = patches
+    out = tmp_path / "owned"
+    seen: list[dict] = []
+
+    def take_over(e: dict) -> None:
+        seen.append(e)
+        if e["iteration"] >= 2:
+            (out / ".owner").write_text("someone else")
+
+    res = train(
+        _spec(path, max_iter=300), out, client=two_workers, plan="local", on_iteration=take_over
+    )
+    assert res.status == "cancelled" and res.iterations < 300

@@ -56,6 +56,7 @@ FILTERS = "filters.png"
 COST = "cost.png"
 JOB = "job.json"
 CANCEL = ".cancel"
+OWNER = ".owner"
 
 #: Datasets up to this size (decoded, in the compute dtype) train as one task ("local").
 LOCAL_PLAN_BYTES = 64 * 2**20
@@ -507,17 +508,28 @@ def run_local_stage(
     sample_shape,
     metadata: dict,
     refresh_seconds: float = REFRESH_SECONDS,
+    owner: str | None = None,
 ) -> dict:
     """The whole optimisation of one stage in this process (run as one Dask task).
 
     Resumes from ``out_dir/state.npz`` when present (a rerun after a lost worker or a
-    resumed job); stops when ``out_dir/.cancel`` appears. Returns the StageResult as a dict
-    (without the history).
+    resumed job); stops when ``out_dir/.cancel`` appears, or when ``out_dir/.owner`` no
+    longer holds ``owner`` (a newer run of the job took over, e.g. after a service
+    restart). Returns the StageResult as a dict (without the history).
     """
     cancel = Path(out_dir) / CANCEL
+    owner_file = Path(out_dir) / OWNER
+
+    def superseded() -> bool:
+        if owner is None:
+            return False
+        try:
+            return owner_file.read_text() != owner
+        except FileNotFoundError:
+            return True
 
     def stop() -> bool:
-        return cancel.exists()
+        return cancel.exists() or superseded()
 
     f = LocalObjective(dataset_path, net, passes=passes, dtype=dtype, should_stop=stop)
     res = train_stage(
@@ -802,6 +814,8 @@ def _train_local(
 
     # Warm matplotlib up here while the task trains, to draw cost.png at the end.
     threading.Thread(target=_warm_display, daemon=True).start()
+    owner = uuid.uuid4().hex
+    _atomic_write_bytes(out / OWNER, lambda fh: fh.write(owner.encode()))
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     kwargs: dict = {}
     if workers:  # jobs spread over the workers by a hash of their folder
@@ -821,6 +835,7 @@ def _train_local(
         sample_shape=metadata["sample_shape"],
         metadata=metadata,
         refresh_seconds=refresh_seconds,
+        owner=owner,
         key=f"train-{job_name}-{uuid.uuid4().hex[:8]}",
         pure=False,
         **kwargs,
