@@ -210,19 +210,27 @@ def _save_cost(history: list[dict], path: Path) -> Path | None:
 
 
 class CheckpointWriter:
-    """Writes (history, state) checkpoints in order on a background thread.
+    """Writes checkpoints (and other artifacts) in order on a background thread.
 
-    Every iteration's checkpoint is written (history.json first, then state.npz, each
-    atomically), in order; the optimizer only waits when ``max_pending`` checkpoints are
-    queued, so disk syncs overlap the next evaluations. :meth:`flush` waits for all of them
-    and re-raises a write error.
+    Every iteration's checkpoint is written - history.json first (atomic rename), then
+    state.npz (atomic and fsynced, :meth:`OptimizerState.save`) - in order; the optimizer
+    only waits when ``max_pending`` items are queued, so disk work overlaps the next
+    evaluations. History entries are serialised once each (the file is the join of them).
+    :meth:`flush` waits for all items and re-raises a write error.
     """
 
-    def __init__(self, history_path: Path, state_path: Path, max_pending: int = 4) -> None:
+    def __init__(
+        self,
+        history_path: Path,
+        state_path: Path,
+        history: list[dict] | None = None,
+        max_pending: int = 8,
+    ) -> None:
         import queue
         import threading
 
         self.history_path, self.state_path = history_path, state_path
+        self._parts = [json.dumps(e, allow_nan=True) for e in (history or [])]
         self._queue: queue.Queue = queue.Queue(maxsize=max_pending)
         self._error: BaseException | None = None
         self._thread = threading.Thread(target=self._run, name="checkpoint-writer", daemon=True)
@@ -234,23 +242,34 @@ class CheckpointWriter:
             try:
                 if item is None:
                     return
-                history, state = item
                 if self._error is None:
-                    write_json(self.history_path, history)
-                    state.save(self.state_path)
+                    if callable(item):
+                        item()
+                    else:
+                        n, state = item
+                        data = ("[" + ",".join(self._parts[:n]) + "]").encode()
+                        _atomic_write_bytes(self.history_path, lambda fh, d=data: fh.write(d))
+                        state.save(self.state_path)
             except BaseException as exc:  # noqa: BLE001 - re-raised by flush()
                 self._error = exc
             finally:
                 self._queue.task_done()
 
-    def put(self, history: list[dict], state) -> None:
-        """Queue the checkpoint of one iteration (``history`` is copied)."""
+    def put(self, entry: dict, state) -> None:
+        """Queue the checkpoint of one iteration: its history entry and optimizer state."""
         if self._error is not None:
             raise self._error
-        self._queue.put((list(history), state))
+        self._parts.append(json.dumps(entry, allow_nan=True))
+        self._queue.put((len(self._parts), state))
+
+    def call(self, fn: Callable[[], Any]) -> None:
+        """Queue another write (run in order with the checkpoints)."""
+        if self._error is not None:
+            raise self._error
+        self._queue.put(fn)
 
     def flush(self) -> None:
-        """Wait until every queued checkpoint is on disk."""
+        """Wait until every queued item is written."""
         self._queue.join()
         if self._error is not None:
             raise self._error
@@ -361,9 +380,13 @@ def train_stage(
         if not force and now - last_refresh[0] < refresh_seconds:
             return
         last_refresh[0] = now
-        save_model(model_path, net, theta, metadata)
-        if write_pictures:
-            _save_filters(net, theta, sample_shape, filters_path)
+
+        def write() -> None:
+            save_model(model_path, net, theta, metadata)
+            if write_pictures:
+                _save_filters(net, theta, sample_shape, filters_path)
+
+        writer.call(write)
 
     def callback(st) -> bool:
         entry = {
@@ -377,7 +400,7 @@ def train_stage(
         if history and history[-1]["iteration"] >= entry["iteration"]:
             return bool(should_stop and should_stop())  # already recorded (resumed state)
         history.append(entry)
-        writer.put(history, st)  # history first: resume truncates it to the state
+        writer.put(entry, st)  # history first: resume truncates it to the state
         refresh(st.theta, force=st.iteration == 0)
         if on_iteration is not None:
             on_iteration(dict(entry))
@@ -385,7 +408,7 @@ def train_stage(
 
     status, message = "succeeded", ""
     final = state
-    writer = CheckpointWriter(history_path, state_path)
+    writer = CheckpointWriter(history_path, state_path, history)
     try:
         try:
             final = minimize(objective, state, max_iter, callback)
