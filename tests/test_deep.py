@@ -3,6 +3,8 @@ greedy pretraining in memory, and bad specs."""
 
 from __future__ import annotations
 
+import json
+
 import numpy as np
 import pytest
 
@@ -239,3 +241,199 @@ def test_bad_options_are_named():
         DeepPlan(10, (5, 3), activation="relu")
     # an overcomplete first layer is fine; only the code must not exceed the input
     DeepPlan(10, (20, 5))
+
+
+# ------------------------------------------------------------------ on the cluster
+@pytest.fixture(scope="module")
+def digits_like(tmp_path_factory) -> tuple[str, np.ndarray]:
+    """600 examples of 16 features in [0.05, 0.95] with low-dimensional structure."""
+    rng = np.random.default_rng(11)
+    Z = rng.normal(size=(600, 3))
+    X = 1 / (1 + np.exp(-(Z @ rng.normal(size=(3, 16)) + 0.3 * rng.normal(size=(600, 16)))))
+    X = 0.05 + 0.9 * X
+    from worker.dataset import write_dataset
+
+    path = tmp_path_factory.mktemp("deep") / "ds"
+    write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=100, sample_shape=(4, 4))
+    return str(path), X
+
+
+def _rel(a, b) -> float:
+    a, b = np.asarray(a, float), np.asarray(b, float)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-300))
+
+
+@pytest.mark.parametrize("passes", ["two", "fused"])
+def test_distributed_deep_objective_equals_in_memory(two_workers, digits_like, passes):
+    from worker.engine import DistributedObjective
+
+    path, X = digits_like
+    sparse = (True, False, False) if passes == "fused" else (True, True, False)
+    plan = DeepPlan(
+        16,
+        (10, 6, 3),
+        code_activation="linear",
+        lam=1e-3,
+        rho=0.2,
+        beta=0.5,
+        finetune_sparse=sparse,
+    )
+    net = plan.network()
+    theta = net.init_theta(4) + 0.01
+    f = DistributedObjective(two_workers, path, net, passes=passes, job="deep-eq")
+    J, g = f(theta)
+    J0, g0 = sae.cost(net, theta, X, passes=passes)
+    assert J == pytest.approx(J0, rel=1e-12) and _rel(g, g0) < 1e-12
+    # each stage of both targets: inputs from the frozen encoders, computed in the tasks
+    for pretrain in ("previous", "input"):
+        p = DeepPlan(
+            16, (10, 6, 3), code_activation="linear", lam=1e-3, rho=0.2, beta=0.5, pretrain=pretrain
+        )
+        thetas = [p.stage_network(j).init_theta(j) + 0.02 for j in (1, 2)]
+        sn = p.stage_network(3)
+        th = sn.init_theta(5)
+        fs = DistributedObjective(
+            two_workers,
+            path,
+            sn,
+            passes=passes,
+            encoder=p.stage_encoder(thetas, 3),
+            target=p.stage_target(3),
+            job="deep-stage",
+        )
+        A, Y = stage_data(p, thetas, 3, X)
+        Js, gs = fs(th)
+        Js0, gs0 = sae.cost(sn, th, A, Y, passes=passes)
+        assert Js == pytest.approx(Js0, rel=1e-12) and _rel(gs, gs0) < 1e-12
+
+
+def _sae_optimize(f, theta0, max_iter):
+    """The minimizer train_stage uses (sae.optimize L-BFGS), recording J per iteration."""
+    from sae.optimize import OptimizerState, minimize
+
+    hist = []
+    state = minimize(
+        f,
+        OptimizerState.start("lbfgs", theta0, {}),
+        max_iter,
+        lambda st: hist.append(float(st.J)) and False,
+    )
+    return state.theta, hist
+
+
+def _deep_spec(path, **kw):
+    from worker.spec import TrainSpec
+
+    base = dict(
+        dataset=path,
+        hidden=[8, 4],
+        code_activation="linear",
+        lam=1e-4,
+        rho=0.1,
+        beta=0.5,
+        max_iter=6,
+        finetune_iter=6,
+        seed=2,
+    )
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+@pytest.mark.parametrize("pretrain", ["previous", "input"])
+def test_train_deep_outputs_and_reference(two_workers, digits_like, tmp_path, pretrain):
+    """The distributed pipeline writes every stage as a job and follows the in-memory
+    reference (same optimizer) stage by stage."""
+    from worker.train import load_model, train
+
+    path, X = digits_like
+    spec = _deep_spec(path, pretrain=pretrain)
+    seen = []
+    res = train(spec, tmp_path / "job", client=two_workers, on_iteration=seen.append)
+    out = tmp_path / "job"
+    assert res.status == "succeeded" and res.plan == "deep"
+    hist = json.loads((out / "history.json").read_text())
+    names = ["pretrain 1/2", "pretrain 2/2", "finetune"]
+    assert [e["stage"] for e in hist] == [n for n in names for _ in range(7)]
+    assert [e["stage"] for e in seen] == [e["stage"] for e in hist]
+    for n, d in zip(names, ["stage-1", "stage-2", "finetune"], strict=True):
+        stage_hist = json.loads((out / d / "history.json").read_text())
+        assert stage_hist == [e for e in hist if e["stage"] == n]
+        assert (out / d / "state.npz").exists() and (out / d / "model.npz").exists()
+    assert (out / "filters.png").exists() and (out / "cost.png").exists()
+    net, theta, meta = load_model(out / "model.npz")
+    assert net.sizes == (16, 8, 4, 8, 16)
+    assert net.activations == ("sigmoid", "linear", "sigmoid", "sigmoid")
+    assert meta["network"]["activations"] == list(net.activations)
+    with np.load(out / "model.npz") as npz:
+        Ws, bs = net.unpack(theta)
+        for l in range(1, 5):
+            np.testing.assert_array_equal(npz[f"W{l}"], Ws[l - 1])
+            np.testing.assert_array_equal(npz[f"b{l}"], bs[l - 1])
+    # the in-memory reference with the same optimizer
+    plan = DeepPlan(
+        16, (8, 4), code_activation="linear", lam=1e-4, rho=0.1, beta=0.5, pretrain=pretrain
+    )
+    ref = pretrain_and_finetune(plan, X, 6, 6, seed=2, minimizer=_sae_optimize)
+    for n in names:
+        got = [e["cost"] for e in hist if e["stage"] == n]
+        np.testing.assert_allclose(got, ref.histories[n], rtol=1e-8)
+        assert got[-1] < got[0]
+    assert _rel(theta, ref.theta) < 1e-6
+
+
+def test_resume_in_the_middle_of_a_stage(two_workers, digits_like, tmp_path):
+    """Stopped during stage 2, resumed: stage 1 is not rerun and the result is bitwise that of
+    the uninterrupted job."""
+    from worker.train import load_model, train
+
+    path, _ = digits_like
+    spec = _deep_spec(path, pretrain="input", decoder_init="transpose")
+    full = train(spec, tmp_path / "full", client=two_workers)
+    assert full.status == "succeeded"
+    stop = [False]
+
+    def on_it(e):
+        stop[0] = e["stage"] == "pretrain 2/2" and e["iteration"] == 3
+
+    out = tmp_path / "cut"
+    cut = train(spec, out, client=two_workers, on_iteration=on_it, should_stop=lambda: stop[0])
+    assert cut.status == "cancelled"
+    assert (out / "stage-1" / "done.json").exists() and not (out / "stage-2" / "done.json").exists()
+    s1 = (out / "stage-1" / "state.npz").stat().st_mtime_ns
+    stop[0] = False
+    seen = []
+    res = train(spec, out, client=two_workers, resume=True, on_iteration=seen.append)
+    assert res.status == "succeeded"
+    assert (out / "stage-1" / "state.npz").stat().st_mtime_ns == s1  # stage 1 skipped
+    assert seen[0]["stage"] == "pretrain 2/2" and seen[0]["iteration"] == 4
+    a, b = load_model(full.model_path)[1], load_model(res.model_path)[1]
+    np.testing.assert_array_equal(a, b)
+    ha = json.loads((tmp_path / "full" / "history.json").read_text())
+    hb = json.loads((out / "history.json").read_text())
+    assert [(e["stage"], e["iteration"], e["cost"]) for e in ha] == [
+        (e["stage"], e["iteration"], e["cost"]) for e in hb
+    ]
+
+
+def test_deep_spec_errors(two_workers, digits_like, tmp_path):
+    from pydantic import ValidationError
+
+    from worker.deep import validate_deep
+    from worker.spec import TrainSpec
+    from worker.train import train
+
+    path, _ = digits_like
+    with pytest.raises(ValueError, match="^hidden: the code layer"):
+        train(_deep_spec(path, hidden=[20, 17]), tmp_path / "x", client=two_workers)
+    with pytest.raises(ValidationError, match="hidden"):
+        TrainSpec(dataset=path, hidden=[])
+    with pytest.raises(ValidationError, match="hidden"):
+        TrainSpec(dataset=path, hidden=[8, 0])
+
+    class WithStages:  # a spec asking for more stages than layers
+        hidden_sizes = [8, 4]
+        activation, code_activation, output_activation = "sigmoid", None, None
+        lam, rho, beta, pretrain, decoder_init, stages = 0.0, None, 0.0, "previous", "pretrained", 3
+
+    with pytest.raises(ValueError, match="^stages:"):
+        validate_deep(WithStages(), 16)
