@@ -437,3 +437,74 @@ def test_deep_spec_errors(two_workers, digits_like, tmp_path):
 
     with pytest.raises(ValueError, match="^stages:"):
         validate_deep(WithStages(), 16)
+
+
+# ------------------------------------------------------------------ sae encode / reconstruct
+@pytest.mark.parametrize("hidden", [(5,), (10, 6, 3)])
+def test_cli_encode_and_reconstruct(digits_like, tmp_path, hidden):
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from worker.train import save_model
+
+    path, X = digits_like
+    if len(hidden) == 1:
+        net = sae.Network.autoencoder(16, 5)
+    else:
+        net = DeepPlan(16, hidden, code_activation="linear").network()
+    theta = net.init_theta(7) + 0.05
+    save_model(tmp_path / "model.npz", net, theta, {"note": "test"})
+    run = CliRunner().invoke
+    r = run(
+        main,
+        [
+            "encode",
+            str(tmp_path / "model.npz"),
+            path,
+            str(tmp_path / "c.npy"),
+            "-q",
+            "--dtype",
+            "float64",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    np.testing.assert_allclose(np.load(tmp_path / "c.npy"), encode(net, theta, X), rtol=1e-12)
+    r = run(main, ["encode", str(tmp_path), path, str(tmp_path / "c1.npy"), "--layer", "1", "-q"])
+    assert r.exit_code == 0, r.output
+    c1 = np.load(tmp_path / "c1.npy")
+    assert c1.dtype == np.float32
+    np.testing.assert_allclose(c1, encode(net, theta, X, layer=1), rtol=1e-6)
+    r = run(main, ["reconstruct", str(tmp_path), path, str(tmp_path / "r.npy"), "-q"])
+    assert r.exit_code == 0, r.output
+    R = reconstruct(net, theta, X)
+    np.testing.assert_allclose(np.load(tmp_path / "r.npy"), R, rtol=1e-6)
+    err = float(((R - X) ** 2).sum(axis=1).mean())
+    assert f"{err:.6g}" in r.output
+    # a .npy dataset streams the same way
+    np.save(tmp_path / "x.npy", X)
+    r = run(
+        main,
+        [
+            "encode",
+            str(tmp_path),
+            str(tmp_path / "x.npy"),
+            str(tmp_path / "c2.npy"),
+            "-q",
+            "--dtype",
+            "float64",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    np.testing.assert_array_equal(np.load(tmp_path / "c2.npy"), np.load(tmp_path / "c.npy"))
+    # clear errors
+    r = run(main, ["encode", str(tmp_path), path, str(tmp_path / "e.npy"), "--layer", "9"])
+    assert r.exit_code != 0 and "--layer" in r.output
+    r = run(main, ["encode", str(tmp_path / "nope"), path, str(tmp_path / "e.npy")])
+    assert r.exit_code != 0 and "MODEL" in r.output
+    np.save(tmp_path / "narrow.npy", X[:, :10])
+    r = run(
+        main, ["reconstruct", str(tmp_path), str(tmp_path / "narrow.npy"), str(tmp_path / "e.npy")]
+    )
+    assert r.exit_code != 0 and "10 features" in r.output
+    assert not (tmp_path / "e.npy").exists()
+    assert not list(tmp_path.glob(".e.npy*"))
