@@ -45,7 +45,7 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
-def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 3) -> None:
+def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
     """Per-chunk seconds: frozen encoder forward vs the stage's own evaluation."""
     from sae import objective as obj
     from sae.deep import DeepPlan
@@ -63,7 +63,7 @@ def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 3) -> None:
         return min(ts)
 
     print(f"per chunk of {chunk} digits, one thread, float64, two passes (best of {repeat}):")
-    print(f"{'stage':<22} {'encoder fwd':>12} {'stage eval':>11} {'ratio':>7} {'codes B/ex':>11}")
+    print(f"{'stage':<22} {'encoder fwd':>12} {'stage eval':>11} {'ratio':>7} {'input B/ex':>11}")
     tot_enc = tot_stage = 0.0
     for k in range(1, 5):
         sn = plan.stage_network(k)

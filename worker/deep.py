@@ -32,12 +32,25 @@ written once to a Zarr array, because:
   I/O of reading the raw chunk, on every evaluation, plus an extra copy of that size on disk
   (40 GB for 10 million digits). For ``pretrain="input"`` the task needs the raw chunk as its
   target anyway, so a code array would be read *in addition* to it.
-- *Compute.* The frozen forward pass is cheap next to the stage's own work, except for the
-  small top stages, and it runs once per chunk per evaluation (two-pass evaluations reuse
-  the decoded chunk). Measured on this machine (one thread, 2,000 MNIST digits per chunk,
-  784-1000-500-250-30, float64, two passes; ``benchmarks/bench_deep_mnist.py --cost``):
-  see README. Summed over the four stages, recomputing adds about half of stage 1's cost -
-  about one more stage's worth of work, never an order of magnitude.
+- *Compute.* The frozen forward pass is cheap next to the stages' own work. Measured with
+  ``benchmarks/bench_deep_mnist.py --cost`` (784-1000-500-250-30, chunks of 2,000 digits,
+  one thread, float64, two passes, best of 7 on a shared 2-core machine), seconds per chunk:
+
+  ==================  ===========  ==========
+  stage               encoder fwd  stage eval
+  ==================  ===========  ==========
+  784-1000-784        -            0.480
+  1000-500-1000       0.068        0.282
+  500-250-500         0.123        0.113
+  250-30-250          0.235        0.008
+  ==================  ===========  ==========
+
+  The top stage is dominated by its encoder, but summed over the four stages recomputing adds
+  about half of the pretraining compute (0.43 s on top of 0.88 s per chunk; twice that when
+  two passes both recompute with no chunk cache): about one extra stage-1 evaluation per
+  evaluation (two without the cache), never an order of magnitude; and fine-tuning (the
+  whole unrolled stack) costs more than any stage anyway. A Zarr copy would save that
+  compute at the price of the I/O and storage above.
 - *Memory.* When the stage's inputs fit in the workers' memory, the engine's chunk cache keeps
   the encoded chunks (keyed by the encoder's parameters), so the codes are computed once per
   stage, exactly as a Zarr copy would be, without touching the disk.
@@ -154,7 +167,8 @@ def train_deep(
     ----------
     spec : worker.spec.TrainSpec
         A deep spec (``hidden`` a list); ``max_iter`` iterations per pretraining stage,
-        ``finetune_iter`` for fine-tuning.
+        ``finetune_iter`` for fine-tuning (with ``pretrain="none"`` there are no stages and
+        only ``finetune_iter`` counts: give it the whole budget to compare fairly).
     out_dir : path
         Job folder (see the module docstring).
     client : distributed.Client
