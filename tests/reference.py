@@ -70,11 +70,13 @@ def loop_cost(sizes, acts, Ws, bs, X, Y, lam, rho, beta):
     J += 0.5 * lam * sum(float((W**2).sum()) for W in Ws)
     for l, rh in rho_hat.items():
         r = rho[l - 1]
-        J += beta[l - 1] * sum(r * math.log(r / q) + (1 - r) * math.log((1 - r) / (1 - q)) for q in rh)
+        for q in rh:
+            J += beta[l - 1] * (r * math.log(r / q) + (1 - r) * math.log((1 - r) / (1 - q)))
     dW = [np.zeros_like(W) for W in Ws]
     db = [np.zeros_like(b) for b in bs]
     for i in range(m):
-        delta = {L: [(as_[i][L][j] - Y[i][j]) * fprime(acts[L - 1], zs[i][L][j]) for j in range(sizes[L])]}
+        out = [(as_[i][L][j] - Y[i][j]) * fprime(acts[L - 1], zs[i][L][j]) for j in range(sizes[L])]
+        delta = {L: out}
         for l in range(L - 1, 0, -1):
             dl = []
             for j in range(sizes[l]):

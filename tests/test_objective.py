@@ -33,24 +33,31 @@ def _nets():
     yield "sae-sigmoid", sae.Network.autoencoder(6, 4, lam=1e-3, rho=0.1, beta=3.0)
     yield "sae-sigmoid-nosparse", sae.Network.autoencoder(6, 4, lam=1e-3)
     yield "sae-tanh", sae.Network.autoencoder(6, 4, lam=1e-3, rho=0.1, beta=3.0, activation="tanh")
-    yield "sae-linear-out", sae.Network.autoencoder(
-        6, 4, lam=1e-3, rho=0.05, beta=3.0, output_activation="linear"
+    yield (
+        "sae-linear-out",
+        sae.Network.autoencoder(6, 4, lam=1e-3, rho=0.05, beta=3.0, output_activation="linear"),
     )
     yield "sae-linear", sae.Network.autoencoder(6, 4, lam=1e-3, activation="linear")
     for act in ("sigmoid", "tanh"):
-        yield f"deep3-{act}", sae.Network(
-            sizes=(6, 5, 3, 5, 6),
-            activations=(act,) * 4,
-            lam=1e-3,
-            rho=(0.1, 0.2, 0.15, None),
-            beta=(3.0, 3.0, 3.0, 0.0),
+        yield (
+            f"deep3-{act}",
+            sae.Network(
+                sizes=(6, 5, 3, 5, 6),
+                activations=(act,) * 4,
+                lam=1e-3,
+                rho=(0.1, 0.2, 0.15, None),
+                beta=(3.0, 3.0, 3.0, 0.0),
+            ),
         )
-    yield "deep3-linear-code", sae.Network(
-        sizes=(6, 5, 3, 2, 3, 5, 6),
-        activations=("sigmoid", "tanh", "linear", "tanh", "sigmoid", "linear"),
-        lam=1e-3,
-        rho=(0.1, None, None, 0.3, None, None),
-        beta=(3.0, 0.0, 0.0, 1.0, 0.0, 0.0),
+    yield (
+        "deep3-linear-code",
+        sae.Network(
+            sizes=(6, 5, 3, 2, 3, 5, 6),
+            activations=("sigmoid", "tanh", "linear", "tanh", "sigmoid", "linear"),
+            lam=1e-3,
+            rho=(0.1, None, None, 0.3, None, None),
+            beta=(3.0, 0.0, 0.0, 1.0, 0.0, 0.0),
+        ),
     )
 
 
@@ -68,9 +75,7 @@ def test_cost_and_gradient_match_per_example_loop(name):
     )
     J, grad = sae.cost(net, theta, X)
     Ws, bs = net.unpack(theta)
-    J_ref, dW, db = loop_cost(
-        net.sizes, net.activations, Ws, bs, X, X, net.lam, net.rho, net.beta
-    )
+    J_ref, dW, db = loop_cost(net.sizes, net.activations, Ws, bs, X, X, net.lam, net.rho, net.beta)
     assert abs(J - J_ref) <= 1e-10 * abs(J_ref)
     assert _rel(grad, net.pack(dW, db)) <= 1e-10
 
