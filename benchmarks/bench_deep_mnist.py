@@ -5,8 +5,9 @@ Setting: the 10,000 digits of ``t10k-images-idx3-ubyte.gz`` scaled to [0, 1]; th
 (an embedded LocalCluster, 2 workers x 1 thread), the rest (2,000) are held out. Three models
 with the same code size:
 
-- the deep autoencoder with greedy pretraining (``--pretrain previous``, ``--max-iter``
-  iterations per stage) then ``--finetune-iter`` iterations of fine-tuning,
+- the deep autoencoder with greedy pretraining (``--targets previous[,input]``: each stage
+  reconstructs its input, or the digits; ``--max-iter`` iterations per stage) then
+  ``--finetune-iter`` iterations of fine-tuning (decoders from the pretrained stages),
 - the same network without pretraining (random init) given the same total iteration budget
   (``K * max_iter + finetune_iter`` fine-tuning iterations),
 - PCA with as many components as the code has units (fitted on the training digits).
@@ -21,7 +22,8 @@ pretraining stage recomputes in its tasks against the stage's own two-pass evalu
 tasks instead of writing them to Zarr).
 
     python benchmarks/bench_deep_mnist.py [--hidden 128,32,8] [--max-iter 40]
-        [--finetune-iter 100] [--train 8000] [--mnist DIR] [--cost]
+        [--finetune-iter 100] [--train 8000] [--targets previous,input]
+        [--mnist DIR] [--cost]
 """
 
 from __future__ import annotations
@@ -100,6 +102,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", default=None, help="job folders (default: a temporary folder)")
     ap.add_argument("--skip-none", action="store_true", help="skip the no-pretraining run")
+    ap.add_argument(
+        "--targets",
+        default="previous",
+        help="pretraining targets to run, comma-separated: previous,input",
+    )
     ap.add_argument("--cost", action="store_true", help="time encoder recompute vs stages")
     args = ap.parse_args(argv)
 
@@ -160,11 +167,15 @@ def main(argv: list[str] | None = None) -> int:
         dtype=args.dtype,
         seed=args.seed,
     )
+    targets = [t.strip() for t in args.targets.split(",") if t.strip()]
+    if "previous" not in targets:
+        targets.insert(0, "previous")
     runs = [
         (
-            "deep AE, pretrained (previous)",
-            dict(pretrain="previous", max_iter=args.max_iter, finetune_iter=args.finetune_iter),
-        ),
+            f"deep AE, pretrained ({t})",
+            dict(pretrain=t, max_iter=args.max_iter, finetune_iter=args.finetune_iter),
+        )
+        for t in targets
     ]
     if not args.skip_none:
         runs.append(
