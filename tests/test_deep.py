@@ -508,3 +508,21 @@ def test_cli_encode_and_reconstruct(digits_like, tmp_path, hidden):
     assert r.exit_code != 0 and "10 features" in r.output
     assert not (tmp_path / "e.npy").exists()
     assert not list(tmp_path.glob(".e.npy*"))
+
+
+def test_train_deep_without_pretraining(two_workers, digits_like, tmp_path):
+    """pretrain="none": one fine-tuning stage from the random init of the unrolled network."""
+    from worker.train import load_model, train
+
+    path, X = digits_like
+    spec = _deep_spec(path, pretrain="none", finetune_iter=4)
+    res = train(spec, tmp_path / "none", client=two_workers)
+    hist = json.loads((tmp_path / "none" / "history.json").read_text())
+    assert res.status == "succeeded" and {e["stage"] for e in hist} == {"finetune"}
+    assert not list((tmp_path / "none").glob("stage-*"))
+    plan = DeepPlan(16, (8, 4), code_activation="linear", lam=1e-4, pretrain="none")
+    J0, _ = sae.cost(plan.network(), plan.random_theta(2), X)
+    assert hist[0]["cost"] == pytest.approx(J0, rel=1e-12)
+    assert hist[-1]["cost"] < hist[0]["cost"]
+    net, _, meta = load_model(res.model_path)
+    assert net.sizes == (16, 8, 4, 8, 16) and meta["deep"]["pretrain"] == "none"
