@@ -312,9 +312,11 @@ def _sae_optimize(f, theta0, max_iter):
     from sae.optimize import OptimizerState, minimize
 
     hist = []
+    from worker.deep import DEEP_LS_MAXITER
+
     state = minimize(
         f,
-        OptimizerState.start("lbfgs", theta0, {}),
+        OptimizerState.start("lbfgs", theta0, {"ls_maxiter": DEEP_LS_MAXITER}),
         max_iter,
         lambda st: hist.append(float(st.J)) and False,
     )
