@@ -218,7 +218,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     public = APIRouter()
-    api = APIRouter(dependencies=[Depends(require_token)], responses={**R401})
+    api = APIRouter(dependencies=[Depends(require_token)], responses={**R400, **R401, **R413})
 
     # -- health, metrics, web page --------------------------------------------------------
 

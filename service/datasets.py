@@ -205,12 +205,12 @@ def ingest_upload(data_root: str | os.PathLike, name: str, src: Path) -> dict[st
     ------
     BadName, Exists, ValueError
     """
-    from worker import ingest
-
     dest = resolve(data_root, name)
     if dest.exists():
         raise Exists(f"name: a dataset named {name!r} exists already")
     fmt = sniff_format(src)
+    from worker import ingest
+
     fn = ingest.ingest_npy if fmt == "npy" else ingest.ingest_idx
     try:
         info = fn(src, dest)
