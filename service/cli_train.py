@@ -1,9 +1,293 @@
-"""`sae` commands: train."""
+"""`sae` commands: train, gradcheck."""
 
 from __future__ import annotations
 
+import json
+from collections.abc import Callable
+from pathlib import Path
+
 import click
+
+TRAIN_FIELDS = (
+    "hidden",
+    "activation",
+    "output_activation",
+    "code_activation",
+    "lam",
+    "rho",
+    "beta",
+    "optimizer",
+    "alpha",
+    "max_iter",
+    "passes",
+    "dtype",
+    "seed",
+    "pretrain",
+    "decoder_init",
+    "finetune_iter",
+)
+
+
+def parse_hidden(text: str) -> int | list[int]:
+    """``"25"`` -> 25, ``"1000,500,250,30"`` -> [1000, 500, 250, 30]."""
+    parts = [p.strip() for p in str(text).split(",") if p.strip()]
+    try:
+        sizes = [int(p) for p in parts]
+    except ValueError:
+        raise click.BadParameter(
+            f"give a size or comma-separated sizes, got {text!r}", param_hint="--hidden"
+        ) from None
+    if not sizes:
+        raise click.BadParameter("give at least one size", param_hint="--hidden")
+    return sizes[0] if len(sizes) == 1 else sizes
+
+
+def build_spec(**fields):
+    """A TrainSpec from CLI values; a validation error becomes a ClickException naming the
+    field."""
+    from pydantic import ValidationError
+
+    from worker.spec import TrainSpec
+
+    try:
+        return TrainSpec(**{k: v for k, v in fields.items() if v is not None})
+    except ValidationError as exc:
+        msgs = []
+        for err in exc.errors():
+            loc = ".".join(str(x) for x in err["loc"]) or "spec"
+            msgs.append(f"{loc.replace('_', '-')}: {err['msg']}")
+        raise click.ClickException("invalid training spec: " + "; ".join(msgs)) from None
+
+
+def run_training(
+    spec,
+    out_dir: str | Path,
+    *,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str | int | None = "auto",
+    scheduler: str | None = None,
+    on_iteration: Callable[[dict], None] | None = None,
+    should_stop: Callable[[], bool] | None = None,
+    resume: bool = False,
+    plan: str = "auto",
+    echo: Callable[[str], None] | None = None,
+):
+    """Train ``spec`` into ``out_dir`` on an embedded cluster (or ``scheduler``).
+
+    Returns
+    -------
+    worker.train.TrainResult
+    """
+    from worker.cluster import get_client
+    from worker.train import train
+
+    with get_client(
+        scheduler=scheduler,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+    ) as (client, _):
+        if echo is not None:
+            echo(f"Dashboard: {client.dashboard_link}")
+        return train(
+            spec,
+            out_dir,
+            client=client,
+            on_iteration=on_iteration,
+            should_stop=should_stop,
+            resume=resume,
+            plan=plan,
+        )
+
+
+def _cluster_options(f):
+    for opt in reversed(
+        [
+            click.option("--workers", type=click.IntRange(1, 256), default=2, show_default=True),
+            click.option(
+                "--threads-per-worker", type=click.IntRange(1, 256), default=1, show_default=True
+            ),
+            click.option(
+                "--memory-limit",
+                default="auto",
+                show_default=True,
+                help="Per worker, e.g. 2GB",
+            ),
+            click.option("--scheduler", default=None, help="Address of a running scheduler"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+def _network_options(f):
+    acts = click.Choice(["sigmoid", "tanh", "linear"])
+    for opt in reversed(
+        [
+            click.option("--hidden", default=None, help="25, or 1000,500,250,30 for a deep net"),
+            click.option("--lam", type=float, default=None, help="Weight decay [1e-4]"),
+            click.option("--rho", type=float, default=None, help="Sparsity target [0.01]"),
+            click.option("--beta", type=float, default=None, help="Sparsity weight [3]"),
+            click.option("--activation", type=acts, default=None),
+            click.option("--output-activation", type=acts, default=None),
+            click.option("--passes", type=click.Choice(["two", "fused"]), default=None),
+            click.option("--dtype", type=click.Choice(["float64", "float32"]), default=None),
+            click.option("--seed", type=int, default=None),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
+@click.command("train")
+@click.argument("dataset", required=False)
+@_network_options
+@click.option("--code-activation", type=click.Choice(["sigmoid", "tanh", "linear"]))
+@click.option("--optimizer", type=click.Choice(["lbfgs", "cg", "gd"]), default=None)
+@click.option("--alpha", type=float, default=None, help="Learning rate of gd")
+@click.option("--max-iter", type=int, default=None, help="Iterations (per stage) [400]")
+@click.option("--pretrain", type=click.Choice(["previous", "input", "none"]), default=None)
+@click.option("--decoder-init", type=click.Choice(["pretrained", "transpose"]), default=None)
+@click.option("--finetune-iter", type=int, default=None)
+@_cluster_options
+@click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Job folder")
+@click.option(
+    "--resume",
+    "resume_dir",
+    type=click.Path(file_okay=False, exists=True),
+    default=None,
+    help="Continue the job in this folder (its saved spec)",
+)
+@click.option("--plan", type=click.Choice(["auto", "local", "distributed"]), default="auto")
+def train_cmd(
+    dataset, out, resume_dir, workers, threads_per_worker, memory_limit, scheduler, plan, **fields
+):
+    """Train a sparse (or deep) autoencoder on DATASET."""
+    from tqdm import tqdm
+
+    if resume_dir:
+        job = Path(resume_dir) / "job.json"
+        if not job.exists():
+            raise click.ClickException(f"--resume: {resume_dir} holds no job.json")
+        saved = json.loads(job.read_text())["spec"]
+        given = {k: v for k, v in fields.items() if v is not None}
+        if given:
+            raise click.ClickException(
+                "--resume continues the saved spec; do not give "
+                + ", ".join("--" + k.replace("_", "-") for k in sorted(given))
+            )
+        spec = build_spec(**saved)
+        out = resume_dir
+    else:
+        if not dataset:
+            raise click.UsageError("give a DATASET (or --resume DIR)")
+        if fields.get("hidden") is not None:
+            fields["hidden"] = parse_hidden(fields["hidden"])
+        spec = build_spec(dataset=dataset, **fields)
+        out = out or f"runs/{Path(dataset).name}-{spec.hidden_sizes[-1]}"
+    total = spec.max_iter * (len(spec.hidden_sizes) if spec.is_deep else 1)
+    total += spec.finetune_iter if spec.is_deep else 0
+    bar = tqdm(total=total, desc="train", unit="it", dynamic_ncols=True)
+    done = [0]
+
+    def on_iteration(entry: dict) -> None:
+        if entry["iteration"] == 0:
+            bar.set_postfix(cost=f"{entry['cost']:.6g}")
+            return
+        done[0] += 1
+        bar.update(1)
+        bar.set_postfix(cost=f"{entry['cost']:.6g}")
+
+    try:
+        result = run_training(
+            spec,
+            out,
+            workers=workers,
+            threads_per_worker=threads_per_worker,
+            memory_limit=memory_limit,
+            scheduler=scheduler,
+            on_iteration=on_iteration,
+            resume=bool(resume_dir),
+            plan=plan,
+            echo=lambda s: tqdm.write(s),
+        )
+    except (ValueError, RuntimeError, FloatingPointError) as exc:
+        bar.close()
+        raise click.ClickException(str(exc)) from None
+    bar.close()
+    click.echo(
+        f"{result.status}: {result.iterations} iterations, {result.evaluations} evaluations, "
+        f"cost {result.final_cost:.6g}, {result.seconds:.1f} s ({result.plan} plan)"
+    )
+    click.echo(f"Outputs in {result.out_dir}:")
+    for p in (result.model_path, result.history_path, result.filters_path, result.cost_path):
+        if p is not None and Path(p).exists():
+            click.echo(f"  {p}")
+
+
+@click.command("gradcheck")
+@click.argument("dataset")
+@_network_options
+@click.option("--n-coords", type=click.IntRange(1), default=20, show_default=True)
+@click.option("--epsilon", type=float, default=1e-4, show_default=True)
+@_cluster_options
+def gradcheck_cmd(
+    dataset, n_coords, epsilon, workers, threads_per_worker, memory_limit, scheduler, **fields
+):
+    """Check the distributed gradient on DATASET against central differences."""
+    from sae.gradcheck import check_gradient
+    from sae.network import Network
+    from worker.cluster import get_client
+    from worker.dataset import DatasetError, open_dataset
+    from worker.engine import DistributedObjective
+    from worker.train import build_network
+
+    if fields.get("hidden") is not None:
+        fields["hidden"] = parse_hidden(fields["hidden"])
+    spec = build_spec(dataset=dataset, **fields)
+    try:
+        info = open_dataset(dataset)
+    except DatasetError as exc:
+        raise click.ClickException(str(exc)) from None
+    n = info.shape[1]
+    if spec.is_deep:
+        h = spec.hidden_sizes
+        sizes = (n, *h, *reversed(h[:-1]), n)
+        inner = len(h)
+        acts = [spec.activation] * (len(sizes) - 1)
+        acts[inner - 1] = spec.code_activation or spec.activation
+        acts[-1] = spec.output_activation or spec.activation
+        net = Network(sizes=sizes, activations=tuple(acts), lam=spec.lam)
+    else:
+        net = build_network(spec, n)
+    theta = net.init_theta(spec.seed)
+    with get_client(
+        scheduler=scheduler,
+        workers=workers,
+        threads_per_worker=threads_per_worker,
+        memory_limit=memory_limit,
+    ) as (client, _):
+        click.echo(f"Dashboard: {client.dashboard_link}")
+        f = DistributedObjective(
+            client, dataset, net, passes=spec.passes, dtype=spec.dtype, job="gradcheck"
+        )
+        try:
+            diff = check_gradient(f, theta, epsilon=epsilon, n_coords=n_coords, seed=spec.seed)
+        except (ValueError, RuntimeError, FloatingPointError) as exc:
+            raise click.ClickException(str(exc)) from None
+    k = min(n_coords, net.n_params)
+    click.echo(
+        f"relative difference over {k} of {net.n_params} coordinates "
+        f"({f.n_evals} distributed evaluations): {diff:.3e}"
+    )
+    ok = diff < (1e-6 if spec.dtype == "float64" else 1e-2)
+    click.echo("gradient OK" if ok else "gradient MISMATCH")
+    if not ok:
+        raise SystemExit(1)
 
 
 def register(main: click.Group) -> None:
     """Add this module's commands to the `sae` group."""
+    main.add_command(train_cmd)
+    main.add_command(gradcheck_cmd)

@@ -1,0 +1,43 @@
+"""Full-batch optimizers whose whole state can be saved and resumed bit for bit.
+
+>>> from sae.optimize import OptimizerState, minimize
+>>> state = OptimizerState.start("lbfgs", theta0, {"memory": 20})   # doctest: +SKIP
+>>> state = minimize(f, state, max_iter=400, callback=cb)            # doctest: +SKIP
+>>> state.save("run.npz"); state = OptimizerState.load("run.npz")    # doctest: +SKIP
+
+Methods (:data:`OPTIMIZERS` lists their options and defaults):
+
+- ``"lbfgs"`` (default): L-BFGS, two-loop recursion, strong-Wolfe line search.
+- ``"cg"``: nonlinear conjugate gradient, Polak-Ribiere+, strong-Wolfe line search.
+- ``"gd"``: batch gradient descent ``theta <- theta - alpha * grad``.
+"""
+
+from sae.optimize.linesearch import CountedObjective, Objective, wolfe_search
+from sae.optimize.minimize import STEPS, history_entry, minimize, stop_reason
+from sae.optimize.options import (
+    DEFAULT_METHOD,
+    OPTIMIZERS,
+    check_max_iter,
+    check_method,
+    check_options,
+)
+from sae.optimize.state import FAILED, STATUSES, OptimizerState, atomic_write
+
+__all__ = [
+    "DEFAULT_METHOD",
+    "FAILED",
+    "OPTIMIZERS",
+    "STATUSES",
+    "STEPS",
+    "CountedObjective",
+    "Objective",
+    "OptimizerState",
+    "atomic_write",
+    "check_max_iter",
+    "check_method",
+    "check_options",
+    "history_entry",
+    "minimize",
+    "stop_reason",
+    "wolfe_search",
+]

@@ -1,0 +1,237 @@
+"""The training loop (worker.train) and the `sae train` / `sae gradcheck` commands."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+from pathlib import Path
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from sae import objective as obj
+from sae.optimize import OptimizerState
+from worker.dataset import ChunkError, write_dataset
+from worker.spec import TrainSpec
+from worker.train import build_network, load_model, train
+
+
+@pytest.fixture(scope="module")
+def patches(tmp_path_factory) -> tuple[str, np.ndarray]:
+    X = np.random.default_rng(0).random((1200, 36)) * 0.8 + 0.1
+    path = tmp_path_factory.mktemp("ds") / "patches"
+    write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=150, sample_shape=(6, 6))
+    return str(path), X
+
+
+def _spec(path: str, **kw) -> TrainSpec:
+    base = dict(dataset=path, hidden=9, lam=1e-4, rho=0.05, beta=3.0, max_iter=12, seed=3)
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _theta(out: Path) -> np.ndarray:
+    return load_model(out / "model.npz")[1]
+
+
+@pytest.mark.parametrize("plan", ["local", "distributed"])
+def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
+    path, X = patches
+    seen = []
+    out = tmp_path / plan
+    res = train(_spec(path), out, client=two_workers, plan=plan, on_iteration=seen.append)
+    assert res.status == "succeeded" and res.plan == plan
+    hist = json.loads((out / "history.json").read_text())
+    assert isinstance(hist, list) and hist[0]["iteration"] == 0
+    assert [e["iteration"] for e in hist] == list(range(len(hist)))
+    assert len(hist) == 13 == res.iterations + 1
+    for e in hist:
+        assert set(e) >= {"iteration", "cost", "grad_norm", "evaluations", "seconds"}
+    evals = [e["evaluations"] for e in hist]
+    secs = [e["seconds"] for e in hist]
+    assert evals[0] == 1 and evals == sorted(evals) and evals[-1] == res.evaluations
+    assert secs == sorted(secs)
+    assert [e["iteration"] for e in seen] == [e["iteration"] for e in hist]
+    # model.npz holds the arrays and a spec with the network; its cost is the history's.
+    net, theta, meta = load_model(out / "model.npz")
+    with np.load(out / "model.npz") as npz:
+        assert {"W1", "b1", "W2", "b2", "spec"} <= set(npz.files)
+        assert npz["W1"].shape == (9, 36) and npz["b2"].shape == (36,)
+    assert meta["network"]["activations"] == ["sigmoid", "sigmoid"]
+    assert meta["spec"]["hidden"] == 9
+    J, g = obj.cost(net, theta, X)
+    assert abs(J - hist[-1]["cost"]) <= 1e-12 * J
+    assert abs(np.linalg.norm(g) - hist[-1]["grad_norm"]) <= 1e-9 * np.linalg.norm(g)
+    assert hist[0]["cost"] > hist[-1]["cost"]
+    for name in ("filters.png", "cost.png", "state.npz", "job.json"):
+        assert (out / name).stat().st_size > 0
+    job = json.loads((out / "job.json").read_text())
+    assert job["plan"] == plan and job["dashboard"].startswith("http")
+    assert OptimizerState.load(out / "state.npz").iteration == 12
+
+
+def test_local_and_distributed_plans_agree_bitwise(two_workers, patches, tmp_path):
+    path, _ = patches
+    spec = _spec(path, max_iter=8, passes="fused")
+    train(spec, tmp_path / "a", client=two_workers, plan="local")
+    train(spec, tmp_path / "b", client=two_workers, plan="distributed")
+    assert np.array_equal(_theta(tmp_path / "a"), _theta(tmp_path / "b"))
+
+
+def test_max_iter_zero_writes_initial_parameters(two_workers, patches, tmp_path):
+    path, _ = patches
+    spec = _spec(path, max_iter=0)
+    res = train(spec, tmp_path / "z", client=two_workers)
+    net = build_network(spec, 36)
+    assert np.array_equal(_theta(tmp_path / "z"), net.init_theta(3))
+    hist = json.loads((tmp_path / "z" / "history.json").read_text())
+    assert [e["iteration"] for e in hist] == [0] and res.iterations == 0
+
+
+@pytest.mark.parametrize("plan", ["local", "distributed"])
+def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_path, plan):
+    path, _ = patches
+    # The local plan's task learns about a stop request from this process's polling: give
+    # it enough iterations to still be running then.
+    n = 15 if plan == "distributed" else 300
+    spec = _spec(path, max_iter=n)
+    train(spec, tmp_path / "full", client=two_workers, plan=plan)
+    out = tmp_path / "cut"
+    seen: list[dict] = []
+
+    def stop() -> bool:
+        return bool(seen) and seen[-1]["iteration"] >= 5
+
+    res = train(
+        spec, out, client=two_workers, plan=plan, on_iteration=seen.append, should_stop=stop
+    )
+    assert res.status == "cancelled"
+    done = OptimizerState.load(out / "state.npz").iteration
+    assert 5 <= done < n
+    hist = json.loads((out / "history.json").read_text())
+    assert hist[-1]["iteration"] == done
+    res2 = train(spec, out, client=two_workers, plan=plan, resume=True)
+    assert res2.status == "succeeded" and res2.iterations == n
+    assert np.array_equal(_theta(out), _theta(tmp_path / "full"))
+    hist = json.loads((out / "history.json").read_text())
+    assert [e["iteration"] for e in hist] == list(range(n + 1))
+    assert hist[-1]["seconds"] >= hist[done]["seconds"]
+
+
+@pytest.mark.parametrize("plan", ["local", "distributed"])
+def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
+    path, _ = patches
+    spec = _spec(path, max_iter=10)
+    train(spec, tmp_path / "ref", client=two_workers, plan=plan)
+    pids = two_workers.run(os.getpid)
+    victim = sorted(pids)[0]  # the local plan's task runs there
+    killed = []
+
+    def on_iteration(e: dict) -> None:
+        if e["iteration"] == 3 and not killed:
+            os.kill(pids[victim], signal.SIGKILL)
+            killed.append(victim)
+
+    res = train(spec, tmp_path / "hit", client=two_workers, plan=plan, on_iteration=on_iteration)
+    assert killed and res.status == "succeeded" and res.iterations == 10
+    assert np.array_equal(_theta(tmp_path / "hit"), _theta(tmp_path / "ref"))
+    two_workers.wait_for_workers(2, timeout=60)
+
+
+def test_sigmoid_output_on_data_outside_unit_range(two_workers, tmp_path):
+    X = np.random.default_rng(1).normal(size=(200, 16))
+    path = tmp_path / "white"
+    vr = [float(X.min()), float(X.max())]
+    write_dataset(path, X, *X.shape, dtype="float64", preprocessing={"value_range": vr})
+    with pytest.raises(ValueError, match="output_activation"):
+        train(_spec(str(path), hidden=4), tmp_path / "o", client=two_workers)
+    res = train(
+        _spec(str(path), hidden=4, output_activation="linear", max_iter=3),
+        tmp_path / "o",
+        client=two_workers,
+    )
+    assert res.status == "succeeded"
+
+
+def test_bad_chunk_fails_the_job_naming_it(two_workers, tmp_path):
+    X = np.random.default_rng(2).random((400, 16))
+    path = tmp_path / "holes"
+    write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=100)
+    (path / "X" / "c" / "2" / "0").unlink()
+    for plan in ("local", "distributed"):
+        with pytest.raises(ChunkError, match="chunk 2 "):
+            train(_spec(str(path), hidden=4), tmp_path / plan, client=two_workers, plan=plan)
+
+
+# ------------------------------------------------------------------------------- the CLI
+
+
+def _cli():
+    from service.cli import main
+
+    return main
+
+
+def test_cli_train_resume_and_gradcheck(patches, tmp_path):
+    path, X = patches
+    runner = CliRunner()
+    out = tmp_path / "cli"
+    args = [
+        "train",
+        path,
+        "--hidden",
+        "5",
+        "--max-iter",
+        "4",
+        "--workers",
+        "1",
+        "--memory-limit",
+        "1GB",
+        "--out",
+        str(out),
+    ]
+    r = runner.invoke(_cli(), args)
+    assert r.exit_code == 0, r.output
+    assert "Dashboard: http" in r.output and "model.npz" in r.output
+    hist = json.loads((out / "history.json").read_text())
+    assert hist[-1]["iteration"] == 4
+    # --resume continues the saved spec (already finished: stays at 4 iterations).
+    r = runner.invoke(_cli(), ["train", "--resume", str(out), "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    assert json.loads((out / "history.json").read_text())[-1]["iteration"] == 4
+    r = runner.invoke(
+        _cli(),
+        [
+            "gradcheck",
+            path,
+            "--hidden",
+            "4",
+            "--n-coords",
+            "6",
+            "--workers",
+            "1",
+            "--memory-limit",
+            "1GB",
+        ],
+    )
+    assert r.exit_code == 0, r.output
+    diff = float(r.output.split("coordinates")[1].split(":")[1].split()[0])
+    assert diff < 1e-7 and "gradient OK" in r.output
+
+
+@pytest.mark.parametrize(
+    ("args", "field"),
+    [
+        (["--rho", "2"], "rho"),
+        (["--hidden", "0"], "hidden"),
+        (["--lam", "-1"], "lam"),
+        (["--hidden", "a,b"], "--hidden"),
+    ],
+)
+def test_cli_bad_spec_is_a_clean_message(patches, tmp_path, args, field):
+    path, _ = patches
+    r = CliRunner().invoke(_cli(), ["train", path, "--out", str(tmp_path / "x"), *args])
+    assert r.exit_code != 0
+    assert field in r.output and "Traceback" not in r.output

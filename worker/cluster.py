@@ -1,0 +1,102 @@
+"""Finding or making a Dask cluster: an embedded LocalCluster or an existing scheduler.
+
+Nothing here runs at import time; :func:`get_client` is a context manager::
+
+    with get_client(workers=2) as (client, cluster):
+        print(client.dashboard_link)
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Iterator
+
+#: Environment of worker processes: BLAS uses exactly the threads Dask gives it per task.
+BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+
+
+def worker_env(blas_threads: int = 1) -> dict[str, str]:
+    """Environment variables pinning BLAS threads in worker processes."""
+    return {k: str(blas_threads) for k in BLAS_ENV_VARS}
+
+
+@contextlib.contextmanager
+def get_client(
+    scheduler: str | None = None,
+    workers: int = 2,
+    threads_per_worker: int = 1,
+    memory_limit: str | int | None = "auto",
+    dashboard: bool = True,
+    quiet: bool = True,
+) -> Iterator[tuple[object, object | None]]:
+    """A Dask client on an embedded LocalCluster or on an existing scheduler.
+
+    Parameters
+    ----------
+    scheduler : str, optional
+        Address of a running scheduler (``tcp://host:8786``); default: start an embedded
+        ``LocalCluster(processes=True)``.
+    workers : int
+        Worker processes of the embedded cluster.
+    threads_per_worker : int
+        Threads of each worker; every task runs BLAS on one thread.
+    memory_limit : str or int or None
+        Memory limit of each embedded worker (``"auto"``, ``"700MB"``, bytes, None/0 for none).
+    dashboard : bool
+        Kept for callers; an embedded cluster always serves its dashboard on a free port.
+    quiet : bool
+        Silence the cluster's informational logging.
+
+    Yields
+    ------
+    (client, cluster)
+        ``cluster`` is the LocalCluster, or None when connected to ``scheduler``. The
+        dashboard URL is ``client.dashboard_link``.
+    """
+    from distributed import Client, LocalCluster
+
+    if scheduler:
+        client = Client(scheduler)
+        try:
+            yield client, None
+        finally:
+            client.close()
+        return
+    if workers < 1 or threads_per_worker < 1:
+        raise ValueError("workers and threads_per_worker must be >= 1")
+    kwargs: dict = {}
+    if quiet:
+        import logging
+
+        kwargs["silence_logs"] = logging.WARNING
+    cluster = LocalCluster(
+        n_workers=workers,
+        threads_per_worker=threads_per_worker,
+        processes=True,
+        memory_limit=memory_limit if memory_limit not in (None, "none") else 0,
+        dashboard_address=":0",
+        env=worker_env(1),
+        **kwargs,
+    )
+    try:
+        client = Client(cluster)
+        try:
+            yield client, cluster
+        finally:
+            client.close()
+    finally:
+        cluster.close()
+
+
+def worker_pids(client) -> dict[str, int]:
+    """Process id of every worker."""
+    return client.run(os.getpid)
+
+
+def dashboard_link(client) -> str | None:
+    """The client's dashboard URL, or None when the scheduler serves none."""
+    try:
+        return client.dashboard_link
+    except Exception:  # noqa: BLE001 - no dashboard configured
+        return None
