@@ -83,6 +83,11 @@ def register(main: click.Group) -> None:
     @click.option("--workers", type=int, help="Workers of the embedded LocalCluster [2].")
     @click.option("--threads-per-worker", type=int, help="Threads per embedded worker [1].")
     @click.option("--memory-limit", help="Memory limit per embedded worker [auto].")
+    @click.option(
+        "--plan",
+        type=click.Choice(["auto", "local", "distributed"]),
+        help="Execution plan of jobs [auto: small datasets train as one task].",
+    )
     @click.option("--max-concurrent-jobs", type=int, help="Jobs running at once [1].")
     @click.option("--max-body-bytes", type=int, help="Largest JSON request body [1 MiB].")
     @click.option("--max-upload-bytes", type=int, help="Largest dataset upload [1 GiB].")

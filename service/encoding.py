@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import json
 import os
+from pathlib import Path
 
 import numpy as np
 
@@ -13,11 +13,10 @@ from sae.objective import forward
 
 def load_model(path: str | os.PathLike) -> tuple[Network, np.ndarray]:
     """The network and parameters saved in a job's ``model.npz``."""
-    with np.load(path, allow_pickle=False) as z:
-        theta = np.asarray(z["theta"], dtype=np.float64)
-        raw = z["network"]
-        net = json.loads(raw.item() if raw.shape == () else bytes(raw).decode())
-    return Network.from_dict(net), theta
+    from worker.train import load_model as _load
+
+    net, theta, _ = _load(Path(path))
+    return net, theta
 
 
 def encode(

@@ -11,6 +11,7 @@ evaluation and put back in the queue, so they resume on the next start.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import shutil
@@ -104,7 +105,7 @@ class Runner:
         self._dispatcher: threading.Thread | None = None
         self._client = None
         self._cluster_error: str | None = None
-        self._client_ready = threading.Event()
+        self._exit = contextlib.ExitStack()
         self.dashboard_url: str | None = settings.public_dashboard_url
 
     # -- lifecycle ------------------------------------------------------------------------
@@ -135,30 +136,26 @@ class Runner:
         for a in active:
             if a.thread is not None:
                 a.thread.join(timeout)
-        if self._client is not None:
-            cluster = getattr(self._client, "cluster", None)
-            try:
-                self._client.close()
-                if cluster is not None:
-                    cluster.close()
-            except Exception:  # noqa: BLE001 - closing is best effort
-                log.exception("closing the Dask client")
+        try:
+            self._exit.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            log.exception("closing the Dask client")
         self.store.close()
 
     def _connect(self) -> Any:
-        from worker.cluster import get_client
+        from worker.cluster import dashboard_link, get_client
 
         s = self.settings
-        got = get_client(
-            scheduler=s.scheduler,
-            workers=s.workers,
-            threads_per_worker=s.threads_per_worker,
-            memory_limit=s.memory_limit,
+        client, _ = self._exit.enter_context(
+            get_client(
+                scheduler=s.scheduler,
+                workers=s.workers,
+                threads_per_worker=s.threads_per_worker,
+                memory_limit=s.memory_limit,
+            )
         )
-        client, link = got if isinstance(got, tuple) else (got, None)
-        link = link or getattr(client, "dashboard_link", None)
         if self.dashboard_url is None:
-            self.dashboard_url = link
+            self.dashboard_url = dashboard_link(client)
         return client
 
     @property
@@ -290,7 +287,7 @@ class Runner:
             spec = TrainSpec(**job.spec)
             path, _ = datasets.get_dataset(self.settings.data_root, spec.dataset)
             out_dir.mkdir(parents=True, exist_ok=True)
-            resume = job.attempts > 1 and any(out_dir.iterdir())
+            resume = job.attempts > 1  # a checkpoint may exist: continue its trajectory
 
             def should_stop() -> bool:
                 return active.cancel.is_set() or self._shutdown.is_set()
@@ -303,6 +300,7 @@ class Runner:
                 on_iteration=lambda entry: self._on_iteration(active, spec, entry),
                 should_stop=should_stop,
                 resume=resume,
+                **({"plan": self.settings.plan} if self.settings.plan != "auto" else {}),
             )
             status = getattr(result, "status", "succeeded")
             if status == "succeeded":

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -28,6 +29,11 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, description="Workers of the embedded LocalCluster")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
+    plan: Literal["auto", "local", "distributed"] = Field(
+        "auto",
+        description="distributed: every evaluation is one Dask graph driven from the service; "
+        "local: small datasets train as one task next to their data; auto: local when small",
+    )
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs running at the same time")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest JSON request body")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload")

@@ -84,6 +84,13 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
             )
     except ValueError as exc:
         return [(_field_of(str(exc), "hidden"), str(exc))]
+    if not spec.is_deep:
+        from worker.train import validate_spec
+
+        try:
+            validate_spec(spec, info)
+        except ValueError as exc:
+            return [(_field_of(str(exc), "dataset"), str(exc))]
     if out in OUTPUT_RANGES:
         lo, hi = OUTPUT_RANGES[out]
         try:

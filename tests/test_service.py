@@ -59,7 +59,14 @@ def server(tmp_path_factory):
         data,
         base / "state",
         token=TOKEN,
-        args=["--max-body-bytes", str(BODY_LIMIT), "--max-upload-bytes", str(UPLOAD_LIMIT)],
+        args=[
+            "--plan",
+            "distributed",
+            "--max-body-bytes",
+            str(BODY_LIMIT),
+            "--max-upload-bytes",
+            str(UPLOAD_LIMIT),
+        ],
     )
     with srv:
         yield srv
@@ -122,12 +129,8 @@ def test_submit_watch_download_encode(server, http, tmp_path):
     r = http.post(f"/jobs/{job_id}/encode", json={"X": X.tolist()})
     assert r.status_code == 200, r.text
     enc = r.json()
-    theta = model["theta"]
-    n, h = 16, 4
-    W1 = theta[: h * n].reshape(h, n)
-    W2 = theta[h * n : 2 * h * n].reshape(n, h)
-    b1 = theta[2 * h * n : 2 * h * n + h]
-    b2 = theta[2 * h * n + h :]
+    W1, b1, W2, b2 = (model[k] for k in ("W1", "b1", "W2", "b2"))
+    assert W1.shape == (4, 16) and W2.shape == (16, 4)
     a2 = sigmoid(X @ W1.T + b1)
     np.testing.assert_allclose(enc["hidden"], a2, rtol=1e-12, atol=1e-12)
     np.testing.assert_allclose(enc["reconstruction"], sigmoid(a2 @ W2.T + b2), rtol=1e-12)
