@@ -200,6 +200,11 @@ def pass2(
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
     s = sparsity_delta(net, rho_hat_)
+    for l, sl in s.items():
+        if not np.all(np.isfinite(sl)):
+            raise FloatingPointError(
+                f"objective: average activation of layer {l} reached 0 or 1 (saturated units)"
+            )
     sums, _ = _backprop(net, theta, X, Y, s, dtype)
     return sums
 

@@ -326,7 +326,12 @@ def read_chunk(
         scale = float(zarr.open_group(spath, mode="r").attrs.get("scale", 1.0))
     out = raw.astype(dtype, copy=False)
     if scale != 1.0:
-        out = out * np.asarray(scale, dtype=dtype)
+        inv = 1.0 / scale
+        if abs(inv - round(inv)) < 1e-9 * inv:
+            # pixels stored with scale 1/255 read back exactly as x / 255, as the notes scale them
+            out = out / np.asarray(round(inv), dtype=dtype)
+        else:
+            out = out * np.asarray(scale, dtype=dtype)
     if raw.dtype.kind == "f" and not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0][0]) + i * rows
         raise ChunkError(f"chunk {i} of {spath}: holds NaN or inf (first at row {bad})")
