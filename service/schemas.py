@@ -50,6 +50,7 @@ class PhotographPatches(BaseModel):
     name: str = Field(min_length=1, max_length=512, description="Dataset name to create")
     patch_size: int = Field(8, ge=2, le=64)
     n_patches: int = Field(10000, ge=1, le=1_000_000)
+    gray: bool = True
     normalize: bool = True
     whiten: Literal["pca", "zca"] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)

@@ -339,7 +339,6 @@ def _idx_bytes(a: np.ndarray) -> bytes:
 
 
 def test_upload_npy_and_gzipped_idx_then_delete(http, server):
-    pytest.importorskip("worker.ingest", reason="worker/ingest.py (branch data) not merged")
     from worker.dataset import read_all
 
     X = tiny_data(m=120, n=9, seed=4).astype(np.float32)
@@ -385,3 +384,18 @@ def test_health_metrics_and_pages(server, http):
     assert "filters" in http.get("/ui/jobs/abc").text
     assert http.get("/docs").status_code == 200
     assert os.path.exists(server.state_dir / "jobs.db")
+
+
+def test_ingest_photograph_patches(http, server):
+    body = {"name": "photos/p6", "patch_size": 6, "n_patches": 300, "seed": 1}
+    r = http.post("/datasets/photographs", json=body)
+    assert r.status_code == 201, r.text
+    d = r.json()
+    assert d["shape"] == [300, 36] and d["sample_shape"] == [6, 6]
+    from worker.dataset import read_all
+
+    X = read_all(server.data_root / "photos" / "p6")
+    assert X.shape == (300, 36) and 0.1 - 1e-9 <= X.min() and X.max() <= 0.9 + 1e-9
+    assert http.post("/datasets/photographs", json=body).status_code == 409
+    r = http.post("/datasets/photographs", json={**body, "name": "x", "patch_size": 1})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "patch_size"

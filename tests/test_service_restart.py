@@ -13,7 +13,9 @@ try:
 except ImportError:  # tests/ is not a package: pytest put it on sys.path
     from service_fixtures import Server, load_model, wait_job, write_tiny
 
-SPEC = {"dataset": "tiny", "hidden": 5, "max_iter": 40, "seed": 3}
+SPEC = {"dataset": "tiny", "hidden": 5, "max_iter": 60, "seed": 3}
+# every evaluation one Dask graph driven by the service: slow enough to interrupt mid-run
+ARGS = ["--plan", "distributed"]
 
 
 def _statuses(db) -> dict[str, str]:
@@ -35,7 +37,7 @@ def test_kill_restart_resumes_to_the_same_model(tmp_path):
     write_tiny(data, "tiny")
     db = state / "jobs.db"
 
-    a = Server(data, state).start()
+    a = Server(data, state, args=ARGS).start()
     try:
         with a.client() as http:
             ids = [
@@ -49,7 +51,7 @@ def test_kill_restart_resumes_to_the_same_model(tmp_path):
     # the crash leaves J running in the store, R and U queued
     assert _statuses(db) == {j_id: "running", r_id: "queued", u_id: "queued"}
 
-    b = Server(data, state).start()
+    b = Server(data, state, args=ARGS).start()
     try:
         with b.client() as http:
             _no_orphans(http)
@@ -65,7 +67,7 @@ def test_kill_restart_resumes_to_the_same_model(tmp_path):
     statuses = _statuses(db)
     assert statuses[r_id] == "queued" and statuses[u_id] == "queued", statuses
 
-    with Server(data, state) as c, c.client() as http:
+    with Server(data, state, args=ARGS) as c, c.client() as http:
         jobs = {i: wait_job(http, i) for i in ids}
         assert {i: j["status"] for i, j in jobs.items()} == dict.fromkeys(ids, "succeeded")
         assert jobs[u_id]["attempts"] == 1 and jobs[r_id]["attempts"] == 2
