@@ -1,9 +1,203 @@
-"""`sae` commands: models."""
+"""`sae` commands on trained models: encode, reconstruct.
+
+Both stream over the dataset's chunks (one chunk in memory at a time) and write ``OUT.npy``
+incrementally through a memory map, atomically (a temporary file renamed at the end). They
+work for every ``model.npz`` written by ``sae train``: one-layer sparse autoencoders and deep
+(unrolled) autoencoders alike.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
 import click
+import numpy as np
+
+
+def resolve_model(model: str | os.PathLike) -> Path:
+    """``MODEL`` as given, or ``MODEL/model.npz`` for a job folder."""
+    p = Path(model)
+    if p.is_dir():
+        p = p / "model.npz"
+    if not p.exists():
+        raise click.ClickException(f"MODEL: {model} is neither a model.npz nor a job folder")
+    return p
+
+
+def load(model: str | os.PathLike):
+    """``(net, theta, meta)`` of a model file, with a clear error for anything else."""
+    from worker.train import load_model
+
+    path = resolve_model(model)
+    try:
+        return load_model(path)
+    except (OSError, KeyError, ValueError) as exc:
+        raise click.ClickException(f"MODEL: {path} is not a readable model.npz ({exc})") from None
+
+
+def iter_blocks(dataset: str, dtype: str) -> tuple[int, int, Iterator[np.ndarray]]:
+    """``(m, n, blocks)``: a Zarr dataset chunk by chunk, or a ``.npy`` file in row blocks."""
+    from worker.dataset import DatasetError, open_dataset, read_chunk
+
+    if str(dataset).endswith(".npy"):
+        try:
+            arr = np.load(dataset, mmap_mode="r")
+        except (OSError, ValueError) as exc:
+            raise click.ClickException(f"DATASET: cannot read {dataset} ({exc})") from None
+        if arr.ndim != 2:
+            raise click.ClickException(f"DATASET: expected a 2-D array, got shape {arr.shape}")
+        rows = max(1, (16 * 2**20) // max(1, arr.shape[1] * 8))
+
+        def gen_npy():
+            for s in range(0, arr.shape[0], rows):
+                yield np.asarray(arr[s : s + rows], dtype=dtype)
+
+        return arr.shape[0], arr.shape[1], gen_npy()
+    try:
+        info = open_dataset(dataset)
+    except (DatasetError, FileNotFoundError, ValueError) as exc:
+        raise click.ClickException(f"DATASET: {exc}") from None
+
+    def gen_zarr():
+        for i in range(info.n_chunks):
+            yield read_chunk(dataset, i, dtype, info.scale)
+
+    return info.shape[0], info.shape[1], gen_zarr()
+
+
+def stream_to_npy(
+    out: str | os.PathLike,
+    m: int,
+    n_out: int,
+    blocks: Iterator[np.ndarray],
+    fn: Callable[[np.ndarray], np.ndarray],
+    dtype: str,
+    progress: bool = True,
+    desc: str = "",
+) -> Path:
+    """Apply ``fn`` to each block and write the rows to ``out`` (shape (m, n_out)) atomically.
+
+    Returns
+    -------
+    Path of the written file.
+    """
+    from tqdm import tqdm
+
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".npy")
+    os.close(fd)
+    try:
+        mm = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(m, n_out))
+        row = 0
+        with tqdm(total=m, unit="ex", desc=desc, disable=not progress, dynamic_ncols=True) as bar:
+            for block in blocks:
+                res = fn(block)
+                mm[row : row + res.shape[0]] = res
+                row += res.shape[0]
+                bar.update(res.shape[0])
+        if row != m:
+            raise click.ClickException(f"DATASET: expected {m} rows, read {row}")
+        mm.flush()
+        del mm
+        os.replace(tmp, out)
+    except BaseException:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(tmp)
+        raise
+    return out
+
+
+def _check_width(net, n: int, dataset: str) -> None:
+    if net.sizes[0] != n:
+        raise click.ClickException(
+            f"DATASET: {dataset} has {n} features but the model's input layer has "
+            f"{net.sizes[0]} units"
+        )
+
+
+_dtype_opt = click.option(
+    "--dtype", type=click.Choice(["float32", "float64"]), default="float32", show_default=True
+)
+_quiet_opt = click.option("--quiet", "-q", is_flag=True, help="No progress bar")
+
+
+@click.command("encode")
+@click.argument("model")
+@click.argument("dataset")
+@click.argument("out", type=click.Path(dir_okay=False))
+@click.option(
+    "--layer",
+    type=int,
+    default=None,
+    help="Layer whose activations to write (1-based; default: the code layer)",
+)
+@_dtype_opt
+@_quiet_opt
+def encode_cmd(model, dataset, out, layer, dtype, quiet):
+    """Write the codes of DATASET under MODEL (model.npz or job folder) to OUT.npy."""
+    from sae.deep import encode, n_encoder_layers
+
+    net, theta, _ = load(model)
+    k = n_encoder_layers(net) if layer is None else layer
+    if not 1 <= k <= net.n_layers:
+        raise click.ClickException(
+            f"--layer: the model has layers 1..{net.n_layers} "
+            f"(code layer {n_encoder_layers(net)}), got {layer}"
+        )
+    m, n, blocks = iter_blocks(dataset, "float64")
+    _check_width(net, n, dataset)
+    path = stream_to_npy(
+        out,
+        m,
+        net.sizes[k],
+        blocks,
+        lambda X: encode(net, theta, X, layer=k),
+        dtype,
+        not quiet,
+        "encode",
+    )
+    click.echo(f"wrote {path}: {m} x {net.sizes[k]} codes of layer {k} ({dtype})")
+
+
+@click.command("reconstruct")
+@click.argument("model")
+@click.argument("dataset")
+@click.argument("out", type=click.Path(dir_okay=False))
+@_dtype_opt
+@_quiet_opt
+def reconstruct_cmd(model, dataset, out, dtype, quiet):
+    """Write the reconstructions of DATASET under MODEL to OUT.npy, and report the error."""
+    from sae.deep import reconstruct
+
+    net, theta, _ = load(model)
+    m, n, blocks = iter_blocks(dataset, "float64")
+    _check_width(net, n, dataset)
+    if net.sizes[-1] != n:
+        raise click.ClickException(
+            f"MODEL: its output has {net.sizes[-1]} units, not the {n} inputs it would "
+            "reconstruct (a pretraining stage of another layer?)"
+        )
+    err = [0.0]
+
+    def fn(X):
+        R = reconstruct(net, theta, X)
+        d = R - X
+        err[0] += float(np.einsum("ij,ij->", d, d))
+        return R
+
+    path = stream_to_npy(out, m, n, blocks, fn, dtype, not quiet, "reconstruct")
+    click.echo(
+        f"wrote {path}: {m} x {n} reconstructions; squared error per example "
+        f"{err[0] / max(m, 1):.6g}"
+    )
 
 
 def register(main: click.Group) -> None:
     """Add this module's commands to the `sae` group."""
+    main.add_command(encode_cmd)
+    main.add_command(reconstruct_cmd)
