@@ -422,7 +422,13 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
     )
     def filters_png(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
         """The current filters (first-layer weights) as a grid, refreshed during training."""
-        path = _artifact(runner, store, job_id, "filters.png")
+        try:
+            path = _artifact(runner, store, job_id, "filters.png")
+        except HTTPException:  # a deep job draws them per stage until it finishes
+            stages = sorted(runner.job_dir(job_id).glob("stage-*/filters.png"))
+            if not stages:
+                raise
+            path = stages[0]
         return Response(
             path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"}
         )

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import numpy as np
 
+from sae import deep as sae_deep
 from sae.network import Network
-from sae.objective import forward
 
 
 def load_model(path: str | os.PathLike) -> tuple[Network, np.ndarray]:
@@ -44,9 +44,8 @@ def encode(
     n = net.sizes[0]
     if A.ndim != 2 or A.shape[1] != n:
         raise ValueError(f"X: the model takes rows of {n} values, got shape {list(A.shape)}")
-    acts = forward(net, theta, A)
-    code = acts[len(net.sizes) // 2]
-    recon = acts[-1]
+    code = sae_deep.encode(net, theta, A)
+    recon = sae_deep.reconstruct(net, theta, A)
     if not (np.all(np.isfinite(code)) and np.all(np.isfinite(recon))):
         raise ValueError("X: values too large, the features overflow")
     return code.tolist(), recon.tolist()

@@ -70,18 +70,23 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
         msg = "finetune_iter: with pretrain 'none' give fine-tuning iterations"
         return [("finetune_iter", msg)]
     out = spec.output_activation or spec.activation
-    try:
-        for k, h in enumerate(spec.hidden_sizes):
-            visible = n if k == 0 else spec.hidden_sizes[k - 1]
-            Network.autoencoder(
-                visible,
-                h,
-                lam=spec.lam,
-                rho=spec.rho,
-                beta=spec.beta,
-                activation=spec.activation,
-                output_activation=out if k == 0 else spec.activation,
-            )
+    if spec.is_deep:
+        from worker.deep import validate_deep
+
+        try:
+            validate_deep(spec, n)
+        except ValueError as exc:
+            return [(_field_of(str(exc), "hidden"), str(exc))]
+    try:  # the first layer's sparse autoencoder (units that can carry rho, ...)
+        Network.autoencoder(
+            n,
+            spec.hidden_sizes[0],
+            lam=spec.lam,
+            rho=spec.rho,
+            beta=spec.beta,
+            activation=spec.activation,
+            output_activation=out,
+        )
     except ValueError as exc:
         return [(_field_of(str(exc), "hidden"), str(exc))]
     if not spec.is_deep:

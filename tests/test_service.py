@@ -399,3 +399,23 @@ def test_ingest_photograph_patches(http, server):
     assert http.post("/datasets/photographs", json=body).status_code == 409
     r = http.post("/datasets/photographs", json={**body, "name": "x", "patch_size": 1})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "patch_size"
+
+
+def test_deep_job_shows_its_stages(http):
+    spec = {"dataset": "tiny", "hidden": [6, 3], "max_iter": 4, "finetune_iter": 3, "seed": 2}
+    job_id = submit(http, spec)
+    stages = set()
+    job = wait_job(http, job_id, lambda j: stages.add(j["stage"]) or j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    history = http.get(f"/jobs/{job_id}/history").json()
+    assert {e["stage"] for e in history} == {"pretrain 1/2", "pretrain 2/2", "finetune"}
+    # the status named the stages it went through (polling may miss a short one)
+    assert stages & {"pretrain 1 of 2", "pretrain 2 of 2", "fine-tune"}
+    assert job["stage"] == "fine-tune" and job["progress"] == 1.0
+    X = tiny_data(m=4, seed=5)
+    enc = http.post(f"/jobs/{job_id}/encode", json={"X": X.tolist()}).json()
+    assert np.asarray(enc["hidden"]).shape == (4, 3)
+    assert np.asarray(enc["reconstruction"]).shape == (4, 16)
+    assert http.get(f"/jobs/{job_id}/filters.png").status_code == 200
+    r = http.post("/jobs", json={**spec, "hidden": [6, 40]})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hidden"]
