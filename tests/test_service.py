@@ -419,3 +419,18 @@ def test_deep_job_shows_its_stages(http):
     assert http.get(f"/jobs/{job_id}/filters.png").status_code == 200
     r = http.post("/jobs", json={**spec, "hidden": [6, 40]})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "hidden"]
+
+
+def test_a_failing_job_reports_its_error(http, server):
+    write_tiny(server.data_root, "broken", tiny_data(seed=7))
+    blocker = submit(http, {**SMALL, "max_iter": 100000, "seed": 8})
+    wait_job(http, blocker, lambda j: j["status"] == "running")
+    job_id = submit(http, {**SMALL, "dataset": "broken"})
+    chunks = sorted((server.data_root / "broken" / "X").rglob("*"))
+    victim = [p for p in chunks if p.is_file()][1]
+    victim.unlink()  # the data go bad while the job waits in the queue
+    assert http.post(f"/jobs/{blocker}/cancel").status_code == 200
+    job = wait_job(http, job_id)
+    assert job["status"] == "failed"
+    assert "chunk 1" in job["error"], job["error"]
+    assert http.get(f"/jobs/{job_id}/model.npz").status_code == 404
