@@ -213,6 +213,17 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
     )
     app.state.settings = settings
 
+    @app.middleware("http")
+    async def count_requests(request: Request, call_next):
+        response = await call_next(request)
+        route = request.scope.get("route")
+        m = getattr(request.app.state, "metrics", None)
+        if m is not None:
+            m.requests.labels(
+                request.method, getattr(route, "path", "unmatched"), str(response.status_code)
+            ).inc()
+        return response
+
     @app.exception_handler(datasets.BadName)
     async def _bad_name(request: Request, exc: datasets.BadName) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
@@ -282,7 +293,9 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             shutil.copyfileobj(file.file, tmp, 1 << 20)
             tmp.flush()
             try:
-                return datasets.ingest_upload(settings.data_root, name, Path(tmp.name))
+                return datasets.ingest_upload(
+                    settings.data_root, name, Path(tmp.name), settings.max_dataset_bytes
+                )
             except datasets.Exists as exc:
                 raise HTTPException(409, str(exc)) from None
             except datasets.BadName as exc:
@@ -411,9 +424,11 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
 
     @api.get("/jobs/{job_id}/history", tags=["artifacts"], responses={**R404})
     def history(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
-        """The training history, as history.json."""
-        path = _artifact(runner, store, job_id, "history.json")
-        return Response(path.read_bytes(), media_type="application/json")
+        """The training history, as history.json (an empty list before the first iteration)."""
+        _found(store.get(job_id), job_id)
+        path = runner.job_dir(job_id) / "history.json"
+        body = path.read_bytes() if path.is_file() else b"[]"
+        return Response(body, media_type="application/json")
 
     png = {200: {"content": {"image/png": {}}, "description": "PNG picture"}, **R404}
 

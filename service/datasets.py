@@ -196,28 +196,78 @@ def sniff_format(path: Path) -> str:
     raise ValueError("file: not a .npy or IDX file (gzip allowed)")
 
 
-def ingest_upload(data_root: str | os.PathLike, name: str, src: Path) -> dict[str, Any]:
+def _inside_dataset(data_root: str | os.PathLike, dest: Path) -> str | None:
+    """Name of a dataset that ``dest`` would lie inside, if any."""
+    root = Path(data_root).resolve()
+    for parent in dest.parents:
+        if parent == root or not parent.is_relative_to(root):
+            return None
+        if _is_dataset_dir(parent):
+            return parent.relative_to(root).as_posix()
+    return None
+
+
+def _check_new(data_root: str | os.PathLike, name: str) -> Path:
+    dest = resolve(data_root, name)
+    if dest.exists():
+        raise Exists(f"name: a dataset named {name!r} exists already")
+    outer = _inside_dataset(data_root, dest)
+    if outer is not None:
+        raise BadName(f"name: {name!r} would lie inside dataset {outer!r}")
+    return dest
+
+
+def _gunzip(src: Path, max_bytes: int) -> Path:
+    """Decompress ``src`` next to itself in 1 MiB steps, refusing more than ``max_bytes``."""
+    out = src.with_name(src.name + ".raw")
+    done = 0
+    try:
+        with gzip.open(src, "rb") as fin, open(out, "wb") as fout:
+            while block := fin.read(1 << 20):
+                done += len(block)
+                if done > max_bytes:
+                    raise ValueError(f"file: decompresses to more than {max_bytes} bytes")
+                fout.write(block)
+    except (OSError, EOFError) as exc:
+        out.unlink(missing_ok=True)
+        raise ValueError(f"file: cannot decompress the upload ({exc})") from None
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def ingest_upload(
+    data_root: str | os.PathLike, name: str, src: Path, max_bytes: int = 1 << 40
+) -> dict[str, Any]:
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
-    The file is streamed into the Zarr store block by block by :mod:`worker.ingest`.
+    The file is streamed into the Zarr store block by block by :mod:`worker.ingest` (a
+    gzip-compressed ``.npy`` is first decompressed to disk, at most ``max_bytes``).
 
     Raises
     ------
     BadName, Exists, ValueError
     """
-    dest = resolve(data_root, name)
-    if dest.exists():
-        raise Exists(f"name: a dataset named {name!r} exists already")
+    dest = _check_new(data_root, name)
     fmt = sniff_format(src)
     from worker import ingest
 
-    fn = ingest.ingest_npy if fmt == "npy" else ingest.ingest_idx
+    raw = None
     try:
-        info = fn(src, dest)
-    except DatasetError as exc:
-        raise ValueError(str(exc)) from None
-    if not isinstance(info, DatasetInfo):
-        info = open_dataset(dest)
+        if fmt == "npy":
+            with open(src, "rb") as f:
+                if f.read(2) == b"\x1f\x8b":
+                    raw = src = _gunzip(src, max_bytes)
+            info = ingest.ingest_npy(src, dest)
+        else:
+            info = ingest.ingest_idx(src, dest)
+    except (DatasetError, ValueError) as exc:
+        msg = str(exc).replace(str(src), "upload")
+        raise ValueError(msg if msg.startswith("file") else f"file: {msg}") from None
+    finally:
+        if raw is not None:
+            raw.unlink(missing_ok=True)
     return describe(name, info)
 
 
@@ -230,10 +280,5 @@ def ingest_photographs(data_root: str | os.PathLike, name: str, **options: Any) 
     """
     from worker import ingest
 
-    dest = resolve(data_root, name)
-    if dest.exists():
-        raise Exists(f"name: a dataset named {name!r} exists already")
-    info = ingest.ingest_photographs(dest, **options)
-    if not isinstance(info, DatasetInfo):
-        info = open_dataset(dest)
-    return describe(name, info)
+    dest = _check_new(data_root, name)
+    return describe(name, ingest.ingest_photographs(dest, **options))

@@ -32,6 +32,12 @@ class Metrics:
         self.submitted = Counter(
             "sae_jobs_submitted", "Jobs accepted by POST /jobs", registry=self.registry
         )
+        self.requests = Counter(
+            "sae_http_requests",
+            "HTTP requests by method, route and status",
+            ["method", "route", "status"],
+            registry=self.registry,
+        )
         self.registry.register(_JobsCollector(store, runner))
 
     def render(self) -> tuple[bytes, str]:

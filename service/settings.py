@@ -37,6 +37,9 @@ class Settings(BaseSettings):
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs running at the same time")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest JSON request body")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload")
+    max_dataset_bytes: int = Field(
+        1 << 36, ge=1, description="Largest decompressed upload (gzip-compressed .npy)"
+    )
     max_encode_rows: int = Field(10_000, ge=1, description="Most rows per encode request")
     public_dashboard_url: str | None = Field(
         None, description="Dask dashboard link shown to users (default: the client's link)"

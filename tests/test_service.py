@@ -361,6 +361,12 @@ def test_upload_npy_and_gzipped_idx_then_delete(http, server):
 
     r = http.post("/datasets", data={"name": "up/npy"}, files={"file": ("x.npy", buf.getvalue())})
     assert r.status_code == 409
+    gz_npy = gzip.compress(buf.getvalue())
+    r = http.post("/datasets", data={"name": "up/npygz"}, files={"file": ("x.npy.gz", gz_npy)})
+    assert r.status_code == 201, r.text
+    np.testing.assert_array_equal(read_all(server.data_root / "up" / "npygz"), X)
+    r = http.post("/datasets", data={"name": "up/npy/X/inner"}, files={"file": ("x.npy", gz_npy)})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "name"
     r = http.post("/datasets", data={"name": "up/bad"}, files={"file": ("x.txt", b"hello")})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "file"
     r = http.post("/datasets", data={"name": "../x"}, files={"file": ("x.npy", buf.getvalue())})
@@ -380,6 +386,7 @@ def test_health_metrics_and_pages(server, http):
     text = http.get("/metrics").text
     assert 'sae_jobs{status="succeeded"}' in text
     assert "sae_jobs_submitted_total" in text
+    assert 'sae_http_requests_total{method="POST",route="/jobs",status="202"}' in text
     assert "<table" in http.get("/").text
     assert "filters" in http.get("/ui/jobs/abc").text
     assert http.get("/docs").status_code == 200
