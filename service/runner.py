@@ -136,6 +136,8 @@ class Runner:
         for a in active:
             if a.thread is not None:
                 a.thread.join(timeout)
+        for job_id in self.running_ids():  # threads that did not stop in time
+            self.store.transition(job_id, ["running"], "queued")
         try:
             self._exit.close()
         except Exception:  # noqa: BLE001 - closing is best effort
@@ -323,6 +325,10 @@ class Runner:
                     job.id, ["running"], "failed", error=f"{type(exc).__name__}: {exc}"
                 )
         finally:
+            if not self._shutdown.is_set():  # never leave a job running with nobody on it
+                self.store.transition(
+                    job.id, ["running"], "failed", error="the runner ended without a result"
+                )
             with self._lock:
                 self._active.pop(job.id, None)
             if self.store.get(job.id) is None:
