@@ -158,7 +158,7 @@ def test_cli_submit_and_wait(server, tmp_path):
 
 
 def test_cancel_stops_within_an_evaluation(server, http):
-    job_id = submit(http, {**SMALL, "max_iter": 100000, "seed": 2})
+    job_id = submit(http, {**SMALL, "max_iter": 100000, "seed": 2, "optimizer": "gd"})
     wait_job(http, job_id, lambda j: j["status"] == "running" and j["iteration"] >= 2)
     r = http.post(f"/jobs/{job_id}/cancel")
     assert r.status_code == 200 and r.json()["status"] == "cancelled"
@@ -430,7 +430,7 @@ def test_deep_job_shows_its_stages(http):
 
 def test_a_failing_job_reports_its_error(http, server):
     write_tiny(server.data_root, "broken", tiny_data(seed=7))
-    blocker = submit(http, {**SMALL, "max_iter": 100000, "seed": 8})
+    blocker = submit(http, {**SMALL, "max_iter": 100000, "seed": 8, "optimizer": "gd"})
     wait_job(http, blocker, lambda j: j["status"] == "running")
     job_id = submit(http, {**SMALL, "dataset": "broken"})
     chunks = sorted((server.data_root / "broken" / "X").rglob("*"))
