@@ -11,10 +11,7 @@ import subprocess
 
 import pytest
 
-try:
-    from tests.service_fixtures import Server, wait_job, write_tiny
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import Server, wait_job, write_tiny
+from tests.service_fixtures import Server, wait_job, write_tiny
 
 CHROMIUM = next(
     (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None

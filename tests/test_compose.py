@@ -17,10 +17,7 @@ import psutil
 import yaml
 from distributed import Client
 
-try:
-    from tests.service_fixtures import REPO, SAE, child_env, free_port, wait_job, write_tiny
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import REPO, SAE, child_env, free_port, wait_job, write_tiny
+from tests.service_fixtures import REPO, SAE, child_env, free_port, wait_job, write_tiny
 
 N_WORKERS = 2  # docker compose up --scale worker=2
 EXECUTABLES = {"dask": [sys.executable, "-m", "dask"], "sae": SAE}

@@ -18,27 +18,15 @@ import pytest
 from click.testing import CliRunner
 
 from service.cli import main as sae
-
-try:
-    from tests.service_fixtures import (
-        TERMINAL,
-        Server,
-        load_model,
-        sigmoid,
-        tiny_data,
-        wait_job,
-        write_tiny,
-    )
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import (
-        TERMINAL,
-        Server,
-        load_model,
-        sigmoid,
-        tiny_data,
-        wait_job,
-        write_tiny,
-    )
+from tests.service_fixtures import (
+    TERMINAL,
+    Server,
+    load_model,
+    sigmoid,
+    tiny_data,
+    wait_job,
+    write_tiny,
+)
 
 TOKEN = "s3cret-token"
 BODY_LIMIT = 64 * 1024

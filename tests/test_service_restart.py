@@ -8,10 +8,7 @@ import sqlite3
 
 import numpy as np
 
-try:
-    from tests.service_fixtures import Server, load_model, wait_job, write_tiny
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import Server, load_model, wait_job, write_tiny
+from tests.service_fixtures import Server, load_model, wait_job, write_tiny
 
 SPEC = {"dataset": "tiny", "hidden": 5, "max_iter": 60, "seed": 3}
 # every evaluation one Dask graph driven by the service: slow enough to interrupt mid-run

@@ -12,10 +12,7 @@ from schemathesis.checks import (
     status_code_conformance,
 )
 
-try:
-    from tests.service_fixtures import Server, wait_job, write_tiny
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import Server, wait_job, write_tiny
+from tests.service_fixtures import Server, wait_job, write_tiny
 
 CHECKS = [
     not_a_server_error,

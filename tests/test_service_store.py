@@ -9,11 +9,7 @@ import pytest
 from service import datasets
 from service.settings import Settings
 from service.store import TERMINAL, IdempotencyConflict, JobStore
-
-try:
-    from tests.service_fixtures import write_tiny
-except ImportError:  # tests/ is not a package: pytest put it on sys.path
-    from service_fixtures import write_tiny
+from tests.service_fixtures import write_tiny
 
 
 @pytest.fixture
