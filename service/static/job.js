@@ -30,14 +30,26 @@
     const n = entries.length;
     const pts = ys.map((y, i) => [pad + (W - 2 * pad) * (n > 1 ? i / (n - 1) : 0), H - pad - (H - 2 * pad) * (y - lo) / span]);
     const ns = "http://www.w3.org/2000/svg";
-    const line = document.createElementNS(ns, "polyline");
-    line.setAttribute("points", pts.map((p) => p.map((v) => v.toFixed(1)).join(",")).join(" "));
-    line.setAttribute("fill", "none"); line.setAttribute("stroke", "#4a90d9"); line.setAttribute("stroke-width", "2");
+    // one line per stage of a deep job (pretraining stages, fine-tuning)
+    const colours = ["#4a90d9", "#d9822b", "#3a9d5d", "#a347ba", "#c0392b", "#7f8c8d"];
+    const stages = [];
+    entries.forEach((e, i) => {
+      const name = e.stage ?? "";
+      if (!stages.length || stages[stages.length - 1].name !== name) stages.push({ name, idx: [] });
+      stages[stages.length - 1].idx.push(i);
+    });
+    const lines = stages.map((st, k) => {
+      const line = document.createElementNS(ns, "polyline");
+      line.setAttribute("points", st.idx.map((i) => pts[i].map((v) => v.toFixed(1)).join(",")).join(" "));
+      line.setAttribute("fill", "none"); line.setAttribute("stroke", colours[k % colours.length]); line.setAttribute("stroke-width", "2");
+      if (st.name) line.setAttribute("data-stage", st.name);
+      return line;
+    });
     const axis = document.createElementNS(ns, "path");
     axis.setAttribute("d", `M${pad},${pad} V${H - pad} H${W - pad}`);
     axis.setAttribute("stroke", "#888"); axis.setAttribute("fill", "none");
     const label = (x, y, text) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "11"); t.textContent = text; return t; };
-    svg.append(axis, line, label(2, pad, fmt(10 ** hi, 3)), label(2, H - pad, fmt(10 ** lo, 3)),
+    svg.append(axis, ...lines, label(2, pad, fmt(10 ** hi, 3)), label(2, H - pad, fmt(10 ** lo, 3)),
       label(W / 2 - 30, H - 10, "iteration (" + n + ")"));
   }
 
