@@ -153,10 +153,14 @@ _RANGES_LOCK = threading.Lock()
 def value_range(path: Path, info: DatasetInfo) -> tuple[float, float]:
     """Smallest and largest value of a dataset (scaled), read chunk by chunk once and cached.
 
-    Stored ``uint8`` data is bounded by ``[0, 255 * scale]`` without reading it.
+    Stored ``uint8`` data is bounded by ``[0, 255 * scale]``, and a range recorded by the
+    ingestion (``preprocessing["value_range"]``) is trusted, without reading the data.
     """
     if info.dtype == "uint8" and info.scale >= 0:
         return 0.0, 255.0 * info.scale
+    known = (info.preprocessing or {}).get("value_range")
+    if isinstance(known, list | tuple) and len(known) == 2:
+        return float(known[0]), float(known[1])
     stamp = (path / "zarr.json").stat().st_mtime
     with _RANGES_LOCK:
         hit = _RANGES.get(str(path))
