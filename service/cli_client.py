@@ -1,9 +1,250 @@
-"""`sae` commands: client."""
+"""`sae` commands of the service: ``serve``, and the client ``submit``, ``jobs``, ``status``,
+``wait``, ``cancel``, ``download`` that talk to a running server over HTTP."""
 
 from __future__ import annotations
 
+import json
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
 import click
+
+DEFAULT_URL = "http://127.0.0.1:8000"
+ARTIFACTS = ("model.npz", "history.json", "filters.png", "cost.png")
+
+
+class _Api:
+    """A tiny HTTP client of the service."""
+
+    def __init__(self, url: str, token: str | None, timeout: float = 30.0):
+        import httpx
+
+        headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+
+    def call(self, method: str, path: str, **kw: Any) -> Any:
+        import httpx
+
+        try:
+            r = self.http.request(method, path, **kw)
+        except httpx.HTTPError as exc:
+            raise click.ClickException(f"cannot reach {self.http.base_url}: {exc}") from None
+        if r.status_code >= 400:
+            try:
+                detail = r.json().get("detail", r.text)
+            except ValueError:
+                detail = r.text
+            if isinstance(detail, list):
+                detail = "; ".join(
+                    f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
+                    for d in detail
+                )
+            raise click.ClickException(f"{r.status_code}: {detail}")
+        return r
+
+
+def _api(ctx_url: str, token: str | None) -> _Api:
+    return _Api(ctx_url, token)
+
+
+url_option = click.option(
+    "--url",
+    envvar="SAE_URL",
+    default=DEFAULT_URL,
+    show_default=True,
+    help="The service's address (env SAE_URL).",
+)
+token_option = click.option(
+    "--token", envvar="SAE_TOKEN", default=None, help="Bearer token (env SAE_TOKEN)."
+)
+
+
+def _job_line(j: dict[str, Any]) -> str:
+    cost = "-" if j.get("cost") is None else f"{j['cost']:.6g}"
+    stage = f" {j['stage']}" if j.get("stage") else ""
+    return (
+        f"{j['id']}  {j['status']:<9}  {j['spec'].get('dataset', '')!s:<20}"
+        f"  it {j['iteration']}/{j['max_iter']}{stage}  {100 * j['progress']:5.1f}%  cost {cost}"
+    )
 
 
 def register(main: click.Group) -> None:
     """Add this module's commands to the `sae` group."""
+
+    @main.command()
+    @click.option("--data-root", type=click.Path(file_okay=False), help="Datasets folder.")
+    @click.option("--state-dir", type=click.Path(file_okay=False), help="Job store folder.")
+    @click.option("--host", help="Address to listen on [127.0.0.1].")
+    @click.option("--port", type=int, help="Port [8000].")
+    @click.option("--token", help="Require this bearer token on the API.")
+    @click.option("--scheduler", help="Dask scheduler tcp://HOST:PORT (default: embedded).")
+    @click.option("--workers", type=int, help="Workers of the embedded LocalCluster [2].")
+    @click.option("--threads-per-worker", type=int, help="Threads per embedded worker [1].")
+    @click.option("--memory-limit", help="Memory limit per embedded worker [auto].")
+    @click.option(
+        "--plan",
+        type=click.Choice(["auto", "local", "distributed"]),
+        help="Execution plan of jobs [auto: small datasets train as one task].",
+    )
+    @click.option("--max-concurrent-jobs", type=int, help="Jobs running at once [1].")
+    @click.option("--max-body-bytes", type=int, help="Largest JSON request body [1 MiB].")
+    @click.option("--max-upload-bytes", type=int, help="Largest dataset upload [1 GiB].")
+    @click.option("--log-level", default="info", show_default=True)
+    def serve(log_level: str, **options: Any) -> None:
+        """Run the training service (REST API, web page, job runner).
+
+        Every option can also come from an environment variable SAE_<OPTION>, e.g.
+        SAE_DATA_ROOT, SAE_STATE_DIR, SAE_TOKEN, SAE_SCHEDULER.
+        """
+        import logging
+
+        import uvicorn
+
+        from service.app import create_app
+        from service.settings import Settings
+
+        settings = Settings(**{k: v for k, v in options.items() if v is not None})
+        logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
+        click.echo(
+            f"sae serve: http://{settings.host}:{settings.port} data={settings.data_root} "
+            f"state={settings.state_dir} scheduler={settings.scheduler or 'embedded'}",
+            err=True,
+        )
+        uvicorn.run(
+            create_app(settings),
+            host=settings.host,
+            port=settings.port,
+            log_level=log_level,
+            timeout_graceful_shutdown=30,
+        )
+
+    @main.command()
+    @click.argument("spec_file", type=click.File("r"))
+    @click.option("--idempotency-key", help="Retrying with the same key returns the same job.")
+    @click.option("--wait", "wait_", is_flag=True, help="Wait for the job with a progress bar.")
+    @url_option
+    @token_option
+    def submit(spec_file, idempotency_key, wait_, url, token) -> None:
+        """Submit the training spec in SPEC_FILE (JSON, the fields of `sae train`); print the id."""
+        try:
+            spec = json.load(spec_file)
+        except json.JSONDecodeError as exc:
+            raise click.ClickException(f"{spec_file.name}: not JSON ({exc})") from None
+        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
+        api = _api(url, token)
+        job = api.call("POST", "/jobs", json=spec, headers=headers).json()
+        click.echo(job["id"])
+        if wait_:
+            sys.exit(_wait(api, job["id"], 1.0))
+
+    @main.command()
+    @click.option(
+        "--status",
+        "statuses",
+        multiple=True,
+        type=click.Choice(["queued", "running", "succeeded", "failed", "cancelled"]),
+    )
+    @click.option("--limit", type=int, default=50, show_default=True)
+    @click.option("--offset", type=int, default=0)
+    @click.option("--json", "as_json", is_flag=True, help="Print the JSON page.")
+    @url_option
+    @token_option
+    def jobs(statuses, limit, offset, as_json, url, token) -> None:
+        """List jobs, newest first."""
+        params: dict[str, Any] = {"limit": limit, "offset": offset}
+        if statuses:
+            params["status"] = list(statuses)
+        page = _api(url, token).call("GET", "/jobs", params=params).json()
+        if as_json:
+            click.echo(json.dumps(page, indent=2))
+            return
+        for j in page["items"]:
+            click.echo(_job_line(j))
+        click.echo(f"({len(page['items'])} of {page['total']})", err=True)
+
+    @main.command()
+    @click.argument("job_id")
+    @click.option("--json", "as_json", is_flag=True, help="Print the whole JSON record.")
+    @url_option
+    @token_option
+    def status(job_id, as_json, url, token) -> None:
+        """Show a job's status and progress."""
+        j = _api(url, token).call("GET", f"/jobs/{job_id}").json()
+        if as_json:
+            click.echo(json.dumps(j, indent=2))
+            return
+        click.echo(_job_line(j))
+        if j.get("eta_seconds") is not None and j["status"] == "running":
+            click.echo(f"eta {j['eta_seconds']:.0f} s")
+        if j.get("error"):
+            click.echo(f"error: {j['error']}")
+        if j.get("dashboard_url"):
+            click.echo(f"dashboard: {j['dashboard_url']}")
+
+    @main.command()
+    @click.argument("job_id")
+    @click.option("--interval", type=float, default=1.0, show_default=True)
+    @url_option
+    @token_option
+    def wait(job_id, interval, url, token) -> None:
+        """Wait for a job with a progress bar; exit 0 if it succeeded, 1 otherwise."""
+        sys.exit(_wait(_api(url, token), job_id, interval))
+
+    @main.command()
+    @click.argument("job_id")
+    @url_option
+    @token_option
+    def cancel(job_id, url, token) -> None:
+        """Cancel a queued or running job."""
+        j = _api(url, token).call("POST", f"/jobs/{job_id}/cancel").json()
+        click.echo(_job_line(j))
+
+    @main.command()
+    @click.argument("job_id")
+    @click.argument("directory", type=click.Path(file_okay=False))
+    @url_option
+    @token_option
+    def download(job_id, directory, url, token) -> None:
+        """Download a job's model.npz, history.json, filters.png and cost.png into DIRECTORY."""
+        api = _api(url, token)
+        out = Path(directory)
+        out.mkdir(parents=True, exist_ok=True)
+        paths = {
+            "model.npz": f"/jobs/{job_id}/model.npz",
+            "history.json": f"/jobs/{job_id}/history",
+            "filters.png": f"/jobs/{job_id}/filters.png",
+            "cost.png": f"/jobs/{job_id}/cost.png",
+        }
+        for name, path in paths.items():
+            r = api.call("GET", path)
+            tmp = out / f".{name}.part"
+            tmp.write_bytes(r.content)
+            tmp.replace(out / name)
+            click.echo(f"{out / name} ({len(r.content)} bytes)")
+
+
+def _wait(api: _Api, job_id: str, interval: float) -> int:
+    from tqdm import tqdm
+
+    bar = tqdm(total=1000, desc=job_id, unit="‰", leave=True, file=sys.stderr)
+    try:
+        while True:
+            j = api.call("GET", f"/jobs/{job_id}").json()
+            bar.n = int(1000 * j["progress"])
+            post = {"status": j["status"], "it": f"{j['iteration']}/{j['max_iter']}"}
+            if j.get("stage"):
+                post["stage"] = j["stage"]
+            if j.get("cost") is not None:
+                post["cost"] = f"{j['cost']:.5g}"
+            bar.set_postfix(post, refresh=True)
+            if j["status"] in ("succeeded", "failed", "cancelled"):
+                break
+            time.sleep(interval)
+    finally:
+        bar.close()
+    click.echo(_job_line(j))
+    if j.get("error"):
+        click.echo(f"error: {j['error']}", err=True)
+    return 0 if j["status"] == "succeeded" else 1

@@ -1,0 +1,288 @@
+"""Datasets under the data root: safe name resolution, listing, upload ingestion, deletion.
+
+A dataset's name is its Zarr path relative to the data root, so a dataset written there by
+``sae ingest`` is served at once. Names resolve inside the data root only: no ``..``, no
+absolute paths, no symbolic link that leads outside.
+"""
+
+from __future__ import annotations
+
+import gzip
+import os
+import re
+import shutil
+import threading
+from pathlib import Path
+from typing import Any
+
+from worker.dataset import DatasetError, DatasetInfo, open_dataset, read_chunk
+
+_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+MAX_NAME_LENGTH = 512
+
+
+class BadName(ValueError):
+    """A dataset name is not allowed (outside the data root, or malformed)."""
+
+
+class NotFound(LookupError):
+    """No dataset of that name."""
+
+
+class Exists(FileExistsError):
+    """A dataset of that name exists already."""
+
+
+def check_name(name: str) -> str:
+    """Validate the form of a dataset name: ``a/b/c`` with plain segments, no ``.`` or ``..``.
+
+    Raises
+    ------
+    BadName
+        Naming the problem.
+    """
+    if not name or len(name) > MAX_NAME_LENGTH:
+        raise BadName(f"name: must have 1 to {MAX_NAME_LENGTH} characters")
+    if name.startswith("/") or "\\" in name or "\x00" in name:
+        raise BadName("name: must be a relative path inside the data root")
+    for seg in name.split("/"):
+        if seg in ("", ".", "..") or not _SEGMENT.match(seg) or seg.startswith("."):
+            raise BadName(
+                f"name: segment {seg!r} is not allowed (letters, digits, '.', '_', '-'; "
+                "no empty, '.' or '..' segments)"
+            )
+    return name
+
+
+def resolve(data_root: str | os.PathLike, name: str) -> Path:
+    """The path of dataset ``name``, checked to lie inside the data root after symlinks.
+
+    Raises
+    ------
+    BadName
+    """
+    check_name(name)
+    root = Path(data_root).resolve()
+    path = (root / name).resolve()
+    if path == root or not path.is_relative_to(root):
+        raise BadName("name: resolves outside the data root")
+    return path
+
+
+def _is_dataset_dir(p: Path) -> bool:
+    zj = p / "zarr.json"
+    if not zj.is_file():
+        return False
+    try:
+        return '"sae_dataset"' in zj.read_text()
+    except OSError:
+        return False
+
+
+def describe(name: str, info: DatasetInfo) -> dict[str, Any]:
+    """The JSON summary of a dataset."""
+    return {
+        "name": name,
+        "shape": list(info.shape),
+        "dtype": info.dtype,
+        "chunks": [info.chunk_rows, info.shape[1]],
+        "n_chunks": info.n_chunks,
+        "bytes": info.nbytes,
+        "sample_shape": list(info.sample_shape) if info.sample_shape else None,
+        "scale": info.scale,
+        "preprocessing": info.preprocessing,
+        "source": info.source,
+    }
+
+
+def list_datasets(data_root: str | os.PathLike) -> list[dict[str, Any]]:
+    """Every complete dataset under the data root, by name."""
+    root = Path(data_root).resolve()
+    out = []
+    if not root.is_dir():
+        return out
+    for dirpath, dirnames, _ in os.walk(root):
+        here = Path(dirpath)
+        dirnames[:] = sorted(d for d in dirnames if not d.startswith("."))
+        if here != root and _is_dataset_dir(here):
+            dirnames[:] = []
+            name = here.relative_to(root).as_posix()
+            try:
+                out.append(describe(name, open_dataset(here)))
+            except (DatasetError, OSError):
+                continue
+    return out
+
+
+def get_dataset(data_root: str | os.PathLike, name: str) -> tuple[Path, DatasetInfo]:
+    """Path and description of dataset ``name``.
+
+    Raises
+    ------
+    BadName, NotFound
+    """
+    path = resolve(data_root, name)
+    if not _is_dataset_dir(path):
+        raise NotFound(f"dataset: no dataset named {name!r}")
+    try:
+        return path, open_dataset(path)
+    except DatasetError as exc:
+        raise NotFound(str(exc).replace(str(path), repr(name))) from None
+
+
+def delete_dataset(data_root: str | os.PathLike, name: str) -> None:
+    """Remove dataset ``name`` from disk.
+
+    Raises
+    ------
+    BadName, NotFound
+    """
+    path = resolve(data_root, name)
+    if not _is_dataset_dir(path):
+        raise NotFound(f"dataset: no dataset named {name!r}")
+    shutil.rmtree(path)
+    _RANGES.pop(str(path), None)
+
+
+# ------------------------------------------------------------------------------ value range
+
+_RANGES: dict[str, tuple[float, float, float]] = {}
+_RANGES_LOCK = threading.Lock()
+
+
+def value_range(path: Path, info: DatasetInfo) -> tuple[float, float]:
+    """Smallest and largest value of a dataset (scaled), read chunk by chunk once and cached.
+
+    Stored ``uint8`` data is bounded by ``[0, 255 * scale]``, and a range recorded by the
+    ingestion (``preprocessing["value_range"]``) is trusted, without reading the data.
+    """
+    if info.dtype == "uint8" and info.scale >= 0:
+        return 0.0, 255.0 * info.scale
+    known = (info.preprocessing or {}).get("value_range")
+    if isinstance(known, list | tuple) and len(known) == 2:
+        return float(known[0]), float(known[1])
+    stamp = (path / "zarr.json").stat().st_mtime
+    with _RANGES_LOCK:
+        hit = _RANGES.get(str(path))
+    if hit and hit[2] == stamp:
+        return hit[0], hit[1]
+    lo, hi = float("inf"), float("-inf")
+    for i in range(info.n_chunks):
+        x = read_chunk(path, i, "float64", info.scale)
+        lo, hi = min(lo, float(x.min())), max(hi, float(x.max()))
+    with _RANGES_LOCK:
+        _RANGES[str(path)] = (lo, hi, stamp)
+    return lo, hi
+
+
+# ------------------------------------------------------------------------------ uploads
+
+
+def sniff_format(path: Path) -> str:
+    """``"npy"`` or ``"idx"`` from the file's first bytes (gzip-compressed or raw).
+
+    Raises
+    ------
+    ValueError
+        If the file is neither.
+    """
+    with open(path, "rb") as f:
+        gz = f.read(2) == b"\x1f\x8b"
+    try:
+        with gzip.open(path, "rb") if gz else open(path, "rb") as f:
+            head = f.read(6)
+    except (OSError, EOFError) as exc:
+        raise ValueError(f"file: cannot read the upload ({exc})") from None
+    if head.startswith(b"\x93NUMPY"):
+        return "npy"
+    if len(head) >= 4 and head[0] == 0 and head[1] == 0 and head[2] in (8, 9, 11, 12, 13, 14):
+        return "idx"
+    raise ValueError("file: not a .npy or IDX file (gzip allowed)")
+
+
+def _inside_dataset(data_root: str | os.PathLike, dest: Path) -> str | None:
+    """Name of a dataset that ``dest`` would lie inside, if any."""
+    root = Path(data_root).resolve()
+    for parent in dest.parents:
+        if parent == root or not parent.is_relative_to(root):
+            return None
+        if _is_dataset_dir(parent):
+            return parent.relative_to(root).as_posix()
+    return None
+
+
+def _check_new(data_root: str | os.PathLike, name: str) -> Path:
+    dest = resolve(data_root, name)
+    if dest.exists():
+        raise Exists(f"name: a dataset named {name!r} exists already")
+    outer = _inside_dataset(data_root, dest)
+    if outer is not None:
+        raise BadName(f"name: {name!r} would lie inside dataset {outer!r}")
+    return dest
+
+
+def _gunzip(src: Path, max_bytes: int) -> Path:
+    """Decompress ``src`` next to itself in 1 MiB steps, refusing more than ``max_bytes``."""
+    out = src.with_name(src.name + ".raw")
+    done = 0
+    try:
+        with gzip.open(src, "rb") as fin, open(out, "wb") as fout:
+            while block := fin.read(1 << 20):
+                done += len(block)
+                if done > max_bytes:
+                    raise ValueError(f"file: decompresses to more than {max_bytes} bytes")
+                fout.write(block)
+    except (OSError, EOFError) as exc:
+        out.unlink(missing_ok=True)
+        raise ValueError(f"file: cannot decompress the upload ({exc})") from None
+    except BaseException:
+        out.unlink(missing_ok=True)
+        raise
+    return out
+
+
+def ingest_upload(
+    data_root: str | os.PathLike, name: str, src: Path, max_bytes: int = 1 << 40
+) -> dict[str, Any]:
+    """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
+
+    The file is streamed into the Zarr store block by block by :mod:`worker.ingest` (a
+    gzip-compressed ``.npy`` is first decompressed to disk, at most ``max_bytes``).
+
+    Raises
+    ------
+    BadName, Exists, ValueError
+    """
+    dest = _check_new(data_root, name)
+    fmt = sniff_format(src)
+    from worker import ingest
+
+    raw = None
+    try:
+        if fmt == "npy":
+            with open(src, "rb") as f:
+                if f.read(2) == b"\x1f\x8b":
+                    raw = src = _gunzip(src, max_bytes)
+            info = ingest.ingest_npy(src, dest)
+        else:
+            info = ingest.ingest_idx(src, dest)
+    except (DatasetError, ValueError) as exc:
+        msg = str(exc).replace(str(src), "upload")
+        raise ValueError(msg if msg.startswith("file") else f"file: {msg}") from None
+    finally:
+        if raw is not None:
+            raw.unlink(missing_ok=True)
+    return describe(name, info)
+
+
+def ingest_photographs(data_root: str | os.PathLike, name: str, **options: Any) -> dict[str, Any]:
+    """Sample patches of the bundled photographs into dataset ``name``.
+
+    Raises
+    ------
+    BadName, Exists, ValueError
+    """
+    from worker import ingest
+
+    dest = _check_new(data_root, name)
+    return describe(name, ingest.ingest_photographs(dest, **options))

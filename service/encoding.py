@@ -1,0 +1,51 @@
+"""Encode rows with a finished job's model: the forward pass is sae's, this only loads."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from sae import deep as sae_deep
+from sae.network import Network
+
+
+def load_model(path: str | os.PathLike) -> tuple[Network, np.ndarray]:
+    """The network and parameters saved in a job's ``model.npz``."""
+    from worker.train import load_model as _load
+
+    net, theta, _ = _load(Path(path))
+    return net, theta
+
+
+def encode(
+    model_path: str | os.PathLike, X: list[list[float]]
+) -> tuple[list[list[float]], list[list[float]]]:
+    """Code-layer features and reconstructions of rows ``X``.
+
+    Parameters
+    ----------
+    model_path : path of model.npz
+    X : rows of n_visible values
+
+    Returns
+    -------
+    hidden : rows of the innermost code layer, shape (m, n_code)
+    reconstruction : rows of the output layer, shape (m, n_visible)
+
+    Raises
+    ------
+    ValueError
+        If the rows do not have the model's input size, or the outputs overflow.
+    """
+    net, theta = load_model(model_path)
+    A = np.asarray(X, dtype=np.float64)
+    n = net.sizes[0]
+    if A.ndim != 2 or A.shape[1] != n:
+        raise ValueError(f"X: the model takes rows of {n} values, got shape {list(A.shape)}")
+    code = sae_deep.encode(net, theta, A)
+    recon = sae_deep.reconstruct(net, theta, A)
+    if not (np.all(np.isfinite(code)) and np.all(np.isfinite(recon))):
+        raise ValueError("X: values too large, the features overflow")
+    return code.tolist(), recon.tolist()

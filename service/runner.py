@@ -1,0 +1,336 @@
+"""The job runner: runs queued jobs in order, one thread per job, under a concurrency limit.
+
+Each job's optimizer loop runs in this process (a thread calling :func:`worker.train.train`);
+each evaluation of the objective is one Dask graph on the cluster. The runner owns the Dask
+client: with no scheduler address it starts an embedded LocalCluster.
+
+Restarts: on start every job found ``running`` is re-queued (nobody runs it any more) and is
+resumed from its last checkpoint. On a clean stop the running jobs are interrupted within one
+evaluation and put back in the queue, so they resume on the next start.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+import shutil
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from service import datasets
+from service.settings import Settings
+from service.store import Job, JobStore
+from worker.spec import TrainSpec
+
+log = logging.getLogger("sae.service")
+
+
+def total_iterations(spec: TrainSpec) -> int:
+    """Iterations a job runs when it uses all of them (all stages of a deep network)."""
+    if not spec.is_deep:
+        return spec.max_iter
+    stages = len(spec.hidden_sizes) if spec.pretrain != "none" else 0
+    return stages * spec.max_iter + spec.finetune_iter
+
+
+def stage_of(entry: dict[str, Any], spec: TrainSpec) -> tuple[str | None, int]:
+    """Label of the stage a history entry belongs to, and iterations done before that stage.
+
+    History entries of deep training carry a ``stage`` key: ``"pretrain"`` stages numbered
+    from 1 (as ``"pretrain 2"``, ``"pretrain:2"``, or with a ``layer`` key) and ``"finetune"``.
+    """
+    stage = entry.get("stage")
+    if stage is None:
+        return None, 0
+    K = len(spec.hidden_sizes)
+    text = str(stage).lower().replace("_", "-")
+    if "fine" in text:
+        done = K * spec.max_iter if spec.pretrain != "none" else 0
+        return "fine-tune", done
+    k = entry.get("layer") or entry.get("stage_index")
+    if k is None:
+        digits = "".join(c if c.isdigit() else " " for c in text).split()
+        k = int(digits[0]) if digits else 1
+    k = int(k)
+    if isinstance(stage, int):
+        k = stage + 1 if stage < K else stage
+    k = max(1, min(k, K))
+    return f"pretrain {k} of {K}", (k - 1) * spec.max_iter
+
+
+def _num(entry: dict[str, Any], *names: str) -> float | None:
+    for n in names:
+        v = entry.get(n)
+        if isinstance(v, int | float) and math.isfinite(v):
+            return float(v)
+    return None
+
+
+@dataclass
+class _Active:
+    job: Job
+    thread: threading.Thread | None = None
+    cancel: threading.Event = field(default_factory=threading.Event)
+    t0: float = field(default_factory=time.monotonic)
+    first_done: int | None = None
+
+
+TrainFn = Callable[..., Any]
+
+
+class Runner:
+    """Runs the jobs of a store on a Dask cluster.
+
+    Parameters
+    ----------
+    settings : Settings
+    store : JobStore
+    train_fn : callable, optional
+        The training function (default :func:`worker.train.train`).
+    """
+
+    def __init__(self, settings: Settings, store: JobStore, train_fn: TrainFn | None = None):
+        self.settings = settings
+        self.store = store
+        self._train_fn = train_fn
+        self._active: dict[str, _Active] = {}
+        self._lock = threading.Lock()
+        self._wake = threading.Event()
+        self._shutdown = threading.Event()
+        self._dispatcher: threading.Thread | None = None
+        self._client = None
+        self._cluster_error: str | None = None
+        self._exit = contextlib.ExitStack()
+        self.dashboard_url: str | None = settings.public_dashboard_url
+
+    # -- lifecycle ------------------------------------------------------------------------
+
+    def start(self) -> list[str]:
+        """Re-queue orphaned running jobs, connect to the cluster, start dispatching.
+
+        Returns
+        -------
+        requeued : list of str
+            Ids of the jobs found ``running`` (they resume from their checkpoints).
+        """
+        requeued = self.store.requeue_running()
+        if requeued:
+            log.info("re-queued jobs left running by a previous process: %s", requeued)
+        self._dispatcher = threading.Thread(target=self._dispatch, name="sae-dispatch", daemon=True)
+        self._dispatcher.start()
+        return requeued
+
+    def stop(self, timeout: float = 60.0) -> None:
+        """Interrupt running jobs (they go back to the queue), then close the client."""
+        self._shutdown.set()
+        self._wake.set()
+        if self._dispatcher is not None:
+            self._dispatcher.join(timeout)
+        with self._lock:
+            active = list(self._active.values())
+        for a in active:
+            if a.thread is not None:
+                a.thread.join(timeout)
+        for job_id in self.running_ids():  # threads that did not stop in time
+            self.store.transition(job_id, ["running"], "queued")
+        try:
+            self._exit.close()
+        except Exception:  # noqa: BLE001 - closing is best effort
+            log.exception("closing the Dask client")
+        self.store.close()
+
+    def _connect(self) -> Any:
+        from worker.cluster import dashboard_link, get_client
+
+        s = self.settings
+        client, _ = self._exit.enter_context(
+            get_client(
+                scheduler=s.scheduler,
+                workers=s.workers,
+                threads_per_worker=s.threads_per_worker,
+                memory_limit=s.memory_limit,
+            )
+        )
+        if self.dashboard_url is None:
+            self.dashboard_url = dashboard_link(client)
+        return client
+
+    @property
+    def cluster_error(self) -> str | None:
+        """Why the last attempt to connect to the cluster failed, if it did."""
+        return self._cluster_error
+
+    @property
+    def client(self) -> Any:
+        """The Dask client (connected on first use)."""
+        if self._client is None:
+            self._client = self._connect()
+        return self._client
+
+    def notify(self) -> None:
+        """Wake the dispatcher (a job was queued or finished)."""
+        self._wake.set()
+
+    # -- dispatching ------------------------------------------------------------------------
+
+    def _dispatch(self) -> None:
+        while not self._shutdown.is_set():
+            self._wake.clear()
+            try:
+                self._fill_slots()
+            except Exception:  # noqa: BLE001 - keep dispatching
+                log.exception("dispatcher")
+            self._wake.wait(1.0)
+
+    def _fill_slots(self) -> None:
+        while not self._shutdown.is_set():
+            with self._lock:
+                if len(self._active) >= self.settings.max_concurrent_jobs:
+                    return
+            if self._client is None:
+                try:
+                    self.client  # noqa: B018 - connect before claiming a job
+                except Exception as exc:  # noqa: BLE001
+                    log.exception("cannot connect to the Dask cluster")
+                    self._cluster_error = f"{type(exc).__name__}: {exc}"
+                    return
+                self._cluster_error = None
+            job = self.store.claim_next()
+            if job is None:
+                return
+            active = _Active(job)
+            active.thread = threading.Thread(
+                target=self._run, args=(active,), name=f"sae-job-{job.id}", daemon=True
+            )
+            with self._lock:
+                self._active[job.id] = active
+            active.thread.start()
+
+    # -- control ----------------------------------------------------------------------------
+
+    def cancel(self, job_id: str) -> Job | None:
+        """Cancel a queued or running job; a running one stops within one evaluation.
+
+        Returns
+        -------
+        job : Job or None
+            The job now cancelled, or None if it was not queued or running.
+        """
+        job = self.store.transition(job_id, ["queued", "running"], "cancelled")
+        with self._lock:
+            active = self._active.get(job_id)
+        if active is not None:
+            active.cancel.set()
+        return job
+
+    def delete(self, job_id: str) -> bool:
+        """Cancel a job if needed, forget it, and remove its folder."""
+        self.cancel(job_id)
+        gone = self.store.delete(job_id)
+        with self._lock:
+            running = job_id in self._active
+        if not running:
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+        return gone
+
+    def job_dir(self, job_id: str) -> Path:
+        """The folder of a job's artifacts and checkpoints."""
+        return self.settings.jobs_dir / job_id
+
+    def running_ids(self) -> list[str]:
+        """Ids of the jobs this process is running."""
+        with self._lock:
+            return list(self._active)
+
+    # -- one job ----------------------------------------------------------------------------
+
+    def _train_function(self) -> TrainFn:
+        if self._train_fn is None:
+            from worker.train import train
+
+            self._train_fn = train
+        return self._train_fn
+
+    def _on_iteration(self, active: _Active, spec: TrainSpec, entry: dict[str, Any]) -> None:
+        it = int(_num(entry, "iteration", "iter") or 0)
+        label, before = stage_of(entry, spec)
+        stage_max = spec.max_iter
+        if label == "fine-tune":
+            stage_max = spec.finetune_iter
+        total = max(total_iterations(spec), 1)
+        done = min(before + it, total)
+        if active.first_done is None:
+            active.first_done, active.t0 = done, time.monotonic()
+        eta = None
+        ran = done - active.first_done
+        if ran > 0:
+            rate = (time.monotonic() - active.t0) / ran
+            eta = rate * (total - done)
+        self.store.update_progress(
+            active.job.id,
+            iteration=it,
+            max_iter=stage_max,
+            cost=_num(entry, "cost", "J", "f"),
+            grad_norm=_num(entry, "grad_norm", "gnorm", "grad"),
+            stage=label,
+            progress=done / total,
+            eta_seconds=eta,
+        )
+
+    def _run(self, active: _Active) -> None:
+        job = active.job
+        out_dir = self.job_dir(job.id)
+        try:
+            spec = TrainSpec(**job.spec)
+            path, _ = datasets.get_dataset(self.settings.data_root, spec.dataset)
+            out_dir.mkdir(parents=True, exist_ok=True)
+            resume = job.attempts > 1  # a checkpoint may exist: continue its trajectory
+
+            def should_stop() -> bool:
+                return active.cancel.is_set() or self._shutdown.is_set()
+
+            result = self._train_function()(
+                spec,
+                out_dir,
+                client=self.client,
+                dataset_path=str(path),
+                on_iteration=lambda entry: self._on_iteration(active, spec, entry),
+                should_stop=should_stop,
+                resume=resume,
+                **({"plan": self.settings.plan} if self.settings.plan != "auto" else {}),
+            )
+            status = getattr(result, "status", "succeeded")
+            if status == "succeeded":
+                self.store.transition(job.id, ["running"], "succeeded", progress=1.0)
+            elif active.cancel.is_set():
+                self.store.transition(job.id, ["running"], "cancelled")
+            elif self._shutdown.is_set():
+                self.store.transition(job.id, ["running"], "queued")
+            else:
+                self.store.transition(
+                    job.id, ["running"], "failed", error=f"training ended with status {status!r}"
+                )
+        except Exception as exc:  # noqa: BLE001 - recorded on the job
+            if self._shutdown.is_set() and not active.cancel.is_set():
+                log.warning("job %s interrupted by shutdown: %s", job.id, exc)
+                self.store.transition(job.id, ["running"], "queued")
+            else:
+                log.exception("job %s failed", job.id)
+                self.store.transition(
+                    job.id, ["running"], "failed", error=f"{type(exc).__name__}: {exc}"
+                )
+        finally:
+            if not self._shutdown.is_set():  # never leave a job running with nobody on it
+                self.store.transition(
+                    job.id, ["running"], "failed", error="the runner ended without a result"
+                )
+            with self._lock:
+                self._active.pop(job.id, None)
+            if self.store.get(job.id) is None:
+                shutil.rmtree(out_dir, ignore_errors=True)
+            self.notify()

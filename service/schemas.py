@@ -1,0 +1,133 @@
+"""Request and response bodies of the REST API (the training spec itself is TrainSpec)."""
+
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, Field
+
+JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
+
+
+class Message(BaseModel):
+    """An error or a short answer."""
+
+    detail: str
+
+
+class ValidationItem(BaseModel):
+    """One invalid field (FastAPI's shape)."""
+
+    loc: list[str | int]
+    msg: str
+    type: str
+
+
+class ValidationFailed(BaseModel):
+    """422: which fields are invalid and why."""
+
+    detail: list[ValidationItem]
+
+
+class Dataset(BaseModel):
+    """A dataset under the data root."""
+
+    name: str = Field(description="Zarr path relative to the data root")
+    shape: list[int] = Field(description="(m examples, n features)")
+    dtype: str
+    chunks: list[int] = Field(description="(rows per chunk, n)")
+    n_chunks: int
+    bytes: int = Field(description="Uncompressed size")
+    sample_shape: list[int] | None = None
+    scale: float = 1.0
+    preprocessing: dict[str, Any] = Field(default_factory=dict)
+    source: str = ""
+
+
+class PhotographPatches(BaseModel):
+    """Ingest patches sampled from the bundled sample photographs."""
+
+    name: str = Field(min_length=1, max_length=512, description="Dataset name to create")
+    patch_size: int = Field(8, ge=2, le=64)
+    n_patches: int = Field(10000, ge=1, le=1_000_000)
+    gray: bool = True
+    normalize: bool = True
+    whiten: Literal["pca", "zca"] | None = None
+    seed: int = Field(0, ge=0, le=2**32 - 1)
+
+
+class JobLinks(BaseModel):
+    """Where to find a job and its artifacts."""
+
+    self: str
+    cancel: str
+    history: str
+    filters: str
+    cost: str
+    model: str
+    encode: str
+    page: str
+
+
+class JobCreated(BaseModel):
+    """202: the job is queued."""
+
+    id: str
+    status: JobStatus
+    links: JobLinks
+
+
+class JobOut(BaseModel):
+    """A job's status and progress."""
+
+    id: str
+    status: JobStatus
+    spec: dict[str, Any]
+    stage: str | None = Field(None, description='"pretrain k of K" or "fine-tune" for deep jobs')
+    iteration: int
+    max_iter: int = Field(description="Maximum iterations of the current stage")
+    cost: float | None = None
+    grad_norm: float | None = None
+    progress: float = Field(ge=0, le=1)
+    eta_seconds: float | None = None
+    created_at: float
+    started_at: float | None = None
+    finished_at: float | None = None
+    updated_at: float
+    attempts: int = Field(description="Times the job was started (more than 1 after resumes)")
+    error: str | None = None
+    dashboard_url: str | None = None
+    links: JobLinks
+
+
+class JobPage(BaseModel):
+    """A page of jobs, newest first."""
+
+    items: list[JobOut]
+    total: int
+    limit: int
+    offset: int
+
+
+class EncodeRequest(BaseModel):
+    """Inputs to encode with a finished model."""
+
+    X: list[list[float]] = Field(min_length=1, description="Rows of n features, as the dataset")
+    reconstruct: bool = Field(True, description="Also return the reconstructions")
+
+
+class EncodeResponse(BaseModel):
+    """Hidden features (of the innermost code layer) and reconstructions."""
+
+    hidden: list[list[float]]
+    reconstruction: list[list[float]] | None = None
+
+
+class Health(BaseModel):
+    """Liveness and what the service is connected to."""
+
+    status: Literal["ok"]
+    scheduler: str | None
+    dashboard_url: str | None
+    running: list[str]
+    cluster_error: str | None = None

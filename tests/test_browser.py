@@ -1,0 +1,102 @@
+"""The web page in real headless Chromium: the job list and a running job's page with its
+live progress, cost curve and filter picture."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import subprocess
+
+import pytest
+
+from tests.service_fixtures import Server, wait_job, write_tiny
+
+CHROMIUM = next(
+    (p for p in map(shutil.which, ("chromium", "chromium-browser", "google-chrome")) if p), None
+)
+pytestmark = pytest.mark.skipif(
+    CHROMIUM is None,
+    reason="no chromium binary (CI installs Debian's: apt-get install -y chromium)",
+)
+TOKEN = "browser-token"
+
+
+def chromium(url: str, profile, *args: str, budget_ms: int = 6000) -> str:
+    """Load ``url`` headless, let its scripts run, return the rendered DOM."""
+    cmd = [
+        CHROMIUM,
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        f"--user-data-dir={profile}",
+        f"--virtual-time-budget={budget_ms}",
+        *(args or ["--dump-dom"]),
+        url,
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, start_new_session=True
+    )
+    try:
+        out, _ = proc.communicate(timeout=60)
+    finally:
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+    return out.decode()
+
+
+def _text(dom: str, element_id: str) -> str:
+    m = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
+    assert m, f"no element #{element_id} in the page"
+    return m.group(1).strip()
+
+
+def test_job_page_shows_a_running_job(tmp_path):
+    write_tiny(tmp_path / "data", "tiny")
+    with Server(tmp_path / "data", tmp_path / "state", token=TOKEN) as srv, srv.client() as http:
+        # gradient descent: far from converged for the whole test
+        spec = {"dataset": "tiny", "hidden": 9, "max_iter": 100000, "seed": 4, "optimizer": "gd"}
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        wait_job(http, job_id, lambda j: j["status"] == "running" and j["iteration"] >= 2)
+
+        dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "profile")
+        assert _text(dom, "job-id") == job_id
+        assert _text(dom, "status") == "running"
+        assert int(_text(dom, "iteration")) >= 2
+        assert _text(dom, "max-iter") == "100000"
+        assert re.fullmatch(r"\d+\.\d%", _text(dom, "progress"))
+        assert _text(dom, "cost") not in ("", "–")
+        # the filter picture loaded (the page writes its natural size into the DOM)
+        m = re.search(r'<img[^>]*id="filters"[^>]*>', dom)
+        assert m, dom[-2000:]
+        width = re.search(r'data-natural-width="(\d+)"', m.group(0))
+        assert width and int(width.group(1)) > 0, m.group(0)
+        # the cost curve is drawn from the history
+        curve = re.search(r'<svg[^>]*id="curve"[^>]*data-points="(\d+)"', dom)
+        assert curve and int(curve.group(1)) >= 2
+        assert "polyline" in dom
+        # the Dask dashboard is linked
+        assert re.search(r'id="dashboard" href="http://[^"#]+"', dom)
+
+        index = chromium(f"{srv.url}/?token={TOKEN}", tmp_path / "profile2", budget_ms=3000)
+        assert f'data-job="{job_id}" data-status="running"' in index
+        assert 'href="/ui/jobs/' + job_id in index
+
+        shot = tmp_path / "job.png"
+        chromium(
+            f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}",
+            tmp_path / "profile3",
+            f"--screenshot={shot}",
+            "--window-size=1100,900",
+        )
+        assert shot.stat().st_size > 0
+        assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
