@@ -101,6 +101,34 @@ def run_training(
         )
 
 
+def total_iterations(spec) -> int:
+    """Iterations a spec runs: ``max_iter``, or per pretraining stage plus fine-tuning."""
+    if not spec.is_deep:
+        return spec.max_iter
+    if spec.pretrain == "none":
+        stages = 0
+    else:
+        stages = len(spec.hidden_sizes) if spec.stages is None else spec.stages
+    return spec.max_iter * stages + spec.finetune_iter
+
+
+def progress_callbacks(spec) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """A tqdm bar of iterations and cost: ``(on_iteration, close)`` for :func:`run_training`."""
+    from tqdm import tqdm
+
+    bar = tqdm(total=total_iterations(spec), desc="train", unit="it", dynamic_ncols=True)
+
+    def on_iteration(entry: dict) -> None:
+        if entry["iteration"] > 0:
+            bar.update(1)
+        postfix = {"cost": f"{entry['cost']:.6g}"}
+        if entry.get("stage"):
+            postfix["stage"] = entry["stage"]
+        bar.set_postfix(postfix)
+
+    return on_iteration, bar.close
+
+
 def _cluster_options(f):
     for opt in reversed(
         [
@@ -186,19 +214,7 @@ def train_cmd(
             fields["hidden"] = parse_hidden(fields["hidden"])
         spec = build_spec(dataset=dataset, **fields)
         out = out or f"runs/{Path(dataset).name}-{spec.hidden_sizes[-1]}"
-    total = spec.max_iter * (len(spec.hidden_sizes) if spec.is_deep else 1)
-    total += spec.finetune_iter if spec.is_deep else 0
-    bar = tqdm(total=total, desc="train", unit="it", dynamic_ncols=True)
-    done = [0]
-
-    def on_iteration(entry: dict) -> None:
-        if entry["iteration"] == 0:
-            bar.set_postfix(cost=f"{entry['cost']:.6g}")
-            return
-        done[0] += 1
-        bar.update(1)
-        bar.set_postfix(cost=f"{entry['cost']:.6g}")
-
+    on_iteration, close_bar = progress_callbacks(spec)
     try:
         result = run_training(
             spec,
@@ -213,9 +229,9 @@ def train_cmd(
             echo=lambda s: tqdm.write(s),
         )
     except (ValueError, RuntimeError, FloatingPointError) as exc:
-        bar.close()
+        close_bar()
         raise click.ClickException(str(exc)) from None
-    bar.close()
+    close_bar()
     click.echo(
         f"{result.status}: {result.iterations} iterations, {result.evaluations} evaluations, "
         f"cost {result.final_cost:.6g}, {result.seconds:.1f} s ({result.plan} plan)"
