@@ -523,3 +523,24 @@ def test_cli_photographs_and_images(tmp_path):
     assert result.exit_code == 0, result.output
     assert "40 x 9" in result.output and "whiten" in result.output
     assert len(arrays) == 2
+
+
+def test_a_dataset_rewritten_in_place_is_read_with_its_new_shape(tmp_path):
+    """A process that read a dataset before it was replaced (as a long-lived Dask worker does)
+    reads the new one, not the old metadata."""
+    from worker.dataset import read_chunk, write_dataset
+
+    path = tmp_path / "d"
+    old = np.arange(40, dtype=np.float64).reshape(10, 4)
+    write_dataset(path, old, 10, 4, dtype="float64", chunk_rows=5)
+    assert np.array_equal(read_chunk(path, 0), old[:5])
+    new = -np.arange(42, dtype=np.float64).reshape(7, 6)
+    # written by another process: this process's cache is not cleared by the write
+    code = (
+        "import numpy as np; from worker.dataset import write_dataset; "
+        f"write_dataset({str(path)!r}, -np.arange(42.0).reshape(7, 6), 7, 6, "
+        "dtype='float64', chunk_rows=3, overwrite=True)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
+    assert np.array_equal(read_chunk(path, 0), new[:3])
+    assert np.array_equal(read_chunk(path, 2), new[6:])

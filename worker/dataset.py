@@ -270,9 +270,31 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
     )
 
 
+def _metadata_token(path: str) -> tuple[int, int] | None:
+    """Identity of a local dataset's array metadata (inode, mtime); None for remote stores.
+
+    A dataset rewritten in place (atomically renamed over the old one) gets a new token, so a
+    long-lived worker never reads it with the old shape or chunking.
+    """
+    if not _is_local(path):
+        return None
+    try:
+        st = os.stat(_local(path) / ARRAY_NAME / "zarr.json")
+    except OSError:
+        return None
+    return st.st_ino, st.st_mtime_ns
+
+
 @functools.lru_cache(maxsize=32)
-def _open_array(path: str) -> zarr.Array:
+def _open_array_cached(path: str, token: tuple[int, int] | None) -> zarr.Array:
     return zarr.open_group(path, mode="r")[ARRAY_NAME]
+
+
+def _open_array(path: str) -> zarr.Array:
+    return _open_array_cached(path, _metadata_token(path))
+
+
+_open_array.cache_clear = _open_array_cached.cache_clear  # type: ignore[attr-defined]
 
 
 def read_chunk(
