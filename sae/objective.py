@@ -167,7 +167,9 @@ def _backprop(
         "count": _f64(A[0].shape[0]),
         "err": _f64(0.5 * np.einsum("ij,ij->", diff, diff, dtype=np.float64)),
     }
-    delta = diff * get_activation(net.activations[L - 1]).fprime(A[L])
+    delta = get_activation(net.activations[L - 1]).fprime(A[L])  # a new array: scale in place
+    delta *= diff
+    del diff
     for l in range(L, 0, -1):
         sums[f"W{l}"] = _f64(delta.T @ A[l - 1])
         sums[f"b{l}"] = _f64(delta.sum(axis=0, dtype=np.float64))
@@ -175,7 +177,8 @@ def _backprop(
             back = delta @ Ws[l - 1].astype(dt, copy=False)
             if (l - 1) in s:
                 back += s[l - 1].astype(dt)
-            delta = back * get_activation(net.activations[l - 2]).fprime(A[l - 1])
+            back *= get_activation(net.activations[l - 2]).fprime(A[l - 1])
+            delta = back
     return sums, A
 
 

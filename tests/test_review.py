@@ -1,11 +1,14 @@
-"""Fixes from the review of sae/: sparsity weight 0, clear non-finite errors."""
+"""Fixes from the review of sae/: sparsity weight 0, clear non-finite errors, the sigmoid,
+buffers reused in place without touching the caller's data."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
+from scipy.special import expit
 
 import sae
+from sae.activations import ACTIVATIONS
 from sae.objective import finalize, fused, merge_sums, pass1, pass2, rho_hat
 
 PASSES = ["two", "fused"]
@@ -71,6 +74,52 @@ def test_non_finite_input_is_not_blamed_on_saturation(passes, where):
     with pytest.raises(FloatingPointError, match="non-finite values in the data") as info:
         sae.cost(net, theta, X, passes=passes)
     assert "saturated" not in str(info.value)
+
+
+def test_sigmoid_matches_expit_without_warnings():
+    sig = ACTIVATIONS["sigmoid"]
+    z = np.concatenate([np.linspace(-800, 800, 4001), [-np.inf, np.inf, 0.0, -1e-300]])
+    with np.errstate(under="ignore"):
+        z32 = z.astype(np.float32)
+    with np.errstate(all="raise"):
+        a = sig.f(z)
+        a32 = sig.f(z32)
+    assert a.dtype == np.float64 and a32.dtype == np.float32
+    np.testing.assert_allclose(a, expit(z), rtol=4e-16, atol=0)
+    np.testing.assert_allclose(a32, expit(z32), rtol=2e-7, atol=0)
+    assert a[-4] == 0.0 and a[-3] == 1.0 and a[-2] == 0.5
+    assert sig.f(np.arange(3)).dtype == np.float64  # integers are promoted
+    assert float(sig.f(np.array(0.0))) == 0.5
+
+
+@pytest.mark.parametrize("name", sorted(ACTIVATIONS))
+def test_fprime_returns_a_new_array(name):
+    act = ACTIVATIONS[name]
+    a = act.f(np.linspace(-2, 2, 12).reshape(3, 4))
+    before = a.copy()
+    fp = act.fprime(a)
+    assert fp is not a and not np.shares_memory(fp, a)
+    np.testing.assert_array_equal(a, before)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("acts", [("sigmoid", "sigmoid"), ("tanh", "linear"), ("linear", "linear")])
+def test_objective_leaves_the_callers_arrays_untouched(dtype, acts):
+    """The backward pass scales its buffers in place: never X, Y or theta."""
+    rho = None if acts[0] == "linear" else 0.1
+    net = sae.Network.autoencoder(
+        6, 4, lam=1e-3, rho=rho, beta=3.0, activation=acts[0], output_activation=acts[1]
+    )
+    X = _data(9, 6).astype(dtype)
+    Y = _data(9, 6, seed=1).astype(dtype)
+    theta = net.init_theta(2)
+    copies = X.copy(), Y.copy(), theta.copy()
+    sae.cost(net, theta, X, dtype=dtype)
+    sae.cost(net, theta, X, Y=Y, dtype=dtype)
+    if rho is not None:
+        fused(net, theta, X, Y=Y, dtype=dtype)
+    for a, b in zip((X, Y, theta), copies, strict=True):
+        np.testing.assert_array_equal(a, b)
 
 
 def test_float32_sums_accumulate_in_float64():
