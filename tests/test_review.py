@@ -1,5 +1,5 @@
 """Fixes from the review of sae/: sparsity weight 0, clear non-finite errors, the sigmoid,
-buffers reused in place without touching the caller's data."""
+buffers reused in place without touching the caller's data, one-channel filter pictures."""
 
 from __future__ import annotations
 
@@ -9,6 +9,7 @@ from scipy.special import expit
 
 import sae
 from sae.activations import ACTIVATIONS
+from sae.display import tile_images
 from sae.objective import finalize, fused, merge_sums, pass1, pass2, rho_hat
 
 PASSES = ["two", "fused"]
@@ -135,3 +136,10 @@ def test_float32_sums_accumulate_in_float64():
     for key in ("err", "b1", "b2", "a1_sum", "fp1"):
         assert f32[key].dtype == np.float64
         np.testing.assert_allclose(f32[key], f64[key], rtol=2e-5, atol=1e-6)
+
+
+def test_one_channel_samples_draw_like_grayscale():
+    rows = np.random.default_rng(0).uniform(1.0, 2.0, size=(5, 12))  # all positive
+    gray = tile_images(rows, (3, 4))
+    np.testing.assert_array_equal(tile_images(rows, (3, 4, 1)), gray)
+    assert gray.max() == 255 and gray[1:4, 1:5].min() >= 128  # no mean removed
