@@ -10,7 +10,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-from scipy.special import expit
 
 
 @dataclass(frozen=True)
@@ -24,7 +23,8 @@ class Activation:
     f : callable
         ``f(z) -> a``, elementwise.
     fprime : callable
-        ``fprime(a) -> f'(z)`` written in terms of ``a = f(z)``.
+        ``fprime(a) -> f'(z)`` written in terms of ``a = f(z)``; returns a new array (the
+        objective scales it in place), never ``a`` itself.
     low, high : float
         The range of ``f`` (used to validate targets of output units).
     unit_scale, unit_shift : float or None
@@ -43,12 +43,29 @@ class Activation:
     unit_shift: float | None
 
 
+def _sigmoid(z: np.ndarray) -> np.ndarray:
+    """``1 / (1 + exp(-z))`` in one buffer: about twice as fast as ``scipy.special.expit``
+    on large arrays and within an ulp of it; ``exp(-z)`` overflowing to inf gives 0."""
+    z = np.asarray(z)
+    a = np.empty(z.shape, z.dtype if np.issubdtype(z.dtype, np.floating) else np.float64)
+    np.negative(z, out=a)
+    with np.errstate(over="ignore", under="ignore"):
+        np.exp(a, out=a)
+        a += 1.0
+        return np.reciprocal(a, out=a)
+
+
 def _sigmoid_prime(a: np.ndarray) -> np.ndarray:
-    return a * (1.0 - a)
+    out = 1.0 - a
+    out *= a
+    return out
 
 
 def _tanh_prime(a: np.ndarray) -> np.ndarray:
-    return 1.0 - a * a
+    out = np.multiply(a, a)
+    if isinstance(out, np.ndarray):
+        return np.subtract(1.0, out, out=out)
+    return 1.0 - out
 
 
 def _identity(z: np.ndarray) -> np.ndarray:
@@ -60,7 +77,7 @@ def _linear_prime(a: np.ndarray) -> np.ndarray:
 
 
 ACTIVATIONS: dict[str, Activation] = {
-    "sigmoid": Activation("sigmoid", expit, _sigmoid_prime, 0.0, 1.0, 1.0, 0.0),
+    "sigmoid": Activation("sigmoid", _sigmoid, _sigmoid_prime, 0.0, 1.0, 1.0, 0.0),
     "tanh": Activation("tanh", np.tanh, _tanh_prime, -1.0, 1.0, 0.5, 0.5),
     "linear": Activation("linear", _identity, _linear_prime, -np.inf, np.inf, None, None),
 }

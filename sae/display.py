@@ -112,7 +112,8 @@ def tile_images(
 
     Contrast per tile, as UFLDL's ``display_network`` / ``displayColorNetwork``:
 
-    - grayscale: ``t / max|t|`` mapped from [-1, 1] to [0, 255] (0 stays mid-gray 128);
+    - grayscale (``(h, w)`` or ``(h, w, 1)``): ``t / max|t|`` mapped from [-1, 1] to
+      [0, 255] (0 stays mid-gray 128);
     - RGB: the tile's mean over all pixels and channels is removed, then the tile is divided by
       its largest absolute value over all channels, so its colours keep their balance (UFLDL
       divides each channel by its own maximum, which shifts hues).
@@ -138,14 +139,15 @@ def tile_images(
         ``H = n_rows * h + (n_rows + 1) * pad``, ``W = n_cols * w + (n_cols + 1) * pad``.
     """
     rows = _check_rows(rows, sample_shape)
-    tiles = rows.reshape((rows.shape[0],) + tuple(int(s) for s in sample_shape))
+    shape = tuple(int(s) for s in sample_shape)
+    if len(shape) == 3 and shape[2] == 1:  # one channel: grayscale contrast (mean kept)
+        shape = shape[:2]
+    tiles = rows.reshape((rows.shape[0],) + shape)
     axes = tuple(range(1, tiles.ndim))
     if tiles.ndim == 4:
         tiles = tiles - tiles.mean(axis=axes, keepdims=True)
     peak = np.abs(tiles).max(axis=axes, keepdims=True)
     unit = tiles / np.where(peak > 0, peak, 1.0)
-    if tiles.ndim == 4 and tiles.shape[3] == 1:
-        unit = unit[..., 0]
     return _grid(_to_uint8(unit), n_cols, pad)
 
 

@@ -121,15 +121,31 @@ def sparsity_delta(net: Network, rho_hat_: dict[int, np.ndarray]) -> dict[int, n
     """``c_l * beta_l * (-rho / rho_hat + (1 - rho) / (1 - rho_hat))`` per sparse layer.
 
     ``c_l`` is the slope of the map of layer l's activation onto [0, 1] (1 for sigmoid).
+    A layer with ``beta_l = 0`` has no penalty: zeros, whatever rho_hat is (even 0 or 1).
     Returns layer -> ndarray of shape (n_l,).
     """
     out = {}
     for l, rh in rho_hat_.items():
         rho, beta = net.rho[l - 1], net.beta[l - 1]
+        if beta == 0:
+            out[l] = np.zeros(np.shape(rh))
+            continue
         c = get_activation(net.activations[l - 1]).unit_scale
         with np.errstate(divide="ignore", invalid="ignore"):
             out[l] = c * beta * (-rho / rh + (1.0 - rho) / (1.0 - rh))
     return out
+
+
+def _not_finite_reason(net: Network, theta: np.ndarray, rho_hat_: dict[int, np.ndarray]) -> str:
+    """Why a cost or gradient is not finite, in words: bad input, or saturated sparse units."""
+    if not np.all(np.isfinite(theta)):
+        return "non-finite values in the data or parameters (theta has some)"
+    if not all(np.all(np.isfinite(r)) for r in rho_hat_.values()):
+        return "non-finite values in the data or parameters"
+    bad = [l for l, r in rho_hat_.items() if net.beta[l - 1] != 0 and not np.all((r > 0) & (r < 1))]
+    if bad:
+        return f"average activation of layer(s) {bad} reached 0 or 1 (saturated units)"
+    return "non-finite values in the data or parameters"
 
 
 def _backprop(
@@ -151,7 +167,9 @@ def _backprop(
         "count": _f64(A[0].shape[0]),
         "err": _f64(0.5 * np.einsum("ij,ij->", diff, diff, dtype=np.float64)),
     }
-    delta = diff * get_activation(net.activations[L - 1]).fprime(A[L])
+    delta = get_activation(net.activations[L - 1]).fprime(A[L])  # a new array: scale in place
+    delta *= diff
+    del diff
     for l in range(L, 0, -1):
         sums[f"W{l}"] = _f64(delta.T @ A[l - 1])
         sums[f"b{l}"] = _f64(delta.sum(axis=0, dtype=np.float64))
@@ -159,7 +177,8 @@ def _backprop(
             back = delta @ Ws[l - 1].astype(dt, copy=False)
             if (l - 1) in s:
                 back += s[l - 1].astype(dt)
-            delta = back * get_activation(net.activations[l - 2]).fprime(A[l - 1])
+            back *= get_activation(net.activations[l - 2]).fprime(A[l - 1])
+            delta = back
     return sums, A
 
 
@@ -200,11 +219,9 @@ def pass2(
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
     s = sparsity_delta(net, rho_hat_)
-    for l, sl in s.items():
-        if not np.all(np.isfinite(sl)):
-            raise FloatingPointError(
-                f"objective: average activation of layer {l} reached 0 or 1 (saturated units)"
-            )
+    if not all(np.all(np.isfinite(sl)) for sl in s.values()):
+        why = _not_finite_reason(net, theta, rho_hat_)
+        raise FloatingPointError(f"objective: sparsity gradient is not finite: {why}")
     sums, _ = _backprop(net, theta, X, Y, s, dtype)
     return sums
 
@@ -293,20 +310,17 @@ def finalize(net: Network, theta: np.ndarray, sums: Sums) -> tuple[float, np.nda
     gb = [sums[f"b{l}"] / m for l in range(1, net.n_layers + 1)]
     if "fpx1" in sums:
         s1 = sparsity_delta(net, rh)[1]
-        gW[0] = gW[0] + s1[:, None] * sums["fpx1"] / m
-        gb[0] = gb[0] + s1 * sums["fp1"] / m
+        with np.errstate(invalid="ignore", over="ignore"):  # checked below
+            gW[0] = gW[0] + s1[:, None] * sums["fpx1"] / m
+            gb[0] = gb[0] + s1 * sums["fp1"] / m
     J = float(sums["err"]) / m
     J += 0.5 * net.lam * sum(float(np.vdot(W, W)) for W in Ws)
     for l, r in rh.items():
-        J += net.beta[l - 1] * float(np.sum(kl(net.rho[l - 1], r)))
+        if net.beta[l - 1] != 0:
+            J += net.beta[l - 1] * float(np.sum(kl(net.rho[l - 1], r)))
     grad = net.pack(gW, gb)
     if not np.isfinite(J) or not np.all(np.isfinite(grad)):
-        bad = [l for l, r in rh.items() if not np.all((r > 0) & (r < 1))]
-        why = (
-            f"average activation of layer(s) {bad} reached 0 or 1 (saturated units)"
-            if bad
-            else "non-finite values in the data or parameters"
-        )
+        why = _not_finite_reason(net, theta, rh)
         raise FloatingPointError(f"objective: cost or gradient is not finite: {why}")
     return J, grad
 

@@ -5,6 +5,9 @@
 >>> state = minimize(f, state, max_iter=400, callback=cb)            # doctest: +SKIP
 >>> state.save("run.npz"); state = OptimizerState.load("run.npz")    # doctest: +SKIP
 
+``save`` writes ``run.npz`` and, for L-BFGS, the folder ``run.npz.pairs/`` (one write-once
+file per memory pair, so a checkpoint per iteration costs O(n) bytes); copy or delete both.
+
 Methods (:data:`OPTIMIZERS` lists their options and defaults):
 
 - ``"lbfgs"`` (default): L-BFGS, two-loop recursion, strong-Wolfe line search.
@@ -21,12 +24,13 @@ from sae.optimize.options import (
     check_method,
     check_options,
 )
-from sae.optimize.state import FAILED, STATUSES, OptimizerState, atomic_write
+from sae.optimize.state import FAILED, PAIRS_SUFFIX, STATUSES, OptimizerState, atomic_write
 
 __all__ = [
     "DEFAULT_METHOD",
     "FAILED",
     "OPTIMIZERS",
+    "PAIRS_SUFFIX",
     "STATUSES",
     "STEPS",
     "CountedObjective",
