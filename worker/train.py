@@ -7,6 +7,7 @@ Files of a job (``out_dir``)::
 
     job.json        the spec, the dataset, the execution plan, the dashboard URL
     state.npz       the optimizer's whole state after the last iteration (atomic)
+    state.npz.pairs/  the L-BFGS memory pairs the state lists (one write-once file each)
     history.json    one entry per iteration: iteration, cost, grad_norm, evaluations, seconds
     model.npz       W1, b1, W2, b2 (... for deeper nets), theta, and ``spec`` (JSON, with the
                     network dict so activations are known)
@@ -43,6 +44,7 @@ from typing import Any, Literal
 import numpy as np
 
 from sae.network import Network
+from sae.optimize import PAIRS_SUFFIX
 from worker.dataset import DatasetInfo, open_dataset
 from worker.engine import Cancelled, DistributedObjective, LocalObjective
 from worker.spec import TrainSpec
@@ -50,6 +52,7 @@ from worker.spec import TrainSpec
 Plan = Literal["auto", "local", "distributed"]
 
 STATE = "state.npz"
+STATE_PAIRS = STATE + PAIRS_SUFFIX  # the L-BFGS pairs, one write-once file each
 HISTORY = "history.json"
 MODEL = "model.npz"
 FILTERS = "filters.png"
@@ -734,6 +737,7 @@ def train(
         for name in (STATE, HISTORY, MODEL, FILTERS, COST):
             with contextlib.suppress(FileNotFoundError):
                 (out / name).unlink()
+        shutil.rmtree(out / STATE_PAIRS, ignore_errors=True)
     with contextlib.suppress(FileNotFoundError):
         (out / CANCEL).unlink()
     job_name = job or out.resolve().name or "sae"
