@@ -16,14 +16,14 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from pathlib import Path
-from typing import IO
 
 import numpy as np
 from PIL import Image
+
+from sae.atomic import atomic_write
 
 #: Value of the pad pixels between tiles and of empty grid cells (black, as UFLDL).
 PAD_VALUE = 0
@@ -159,26 +159,9 @@ def _upscale(image: np.ndarray, scale: int) -> np.ndarray:
 
 
 # ---------------------------------------------------------------------------- files
-def _atomic_write(path: str | os.PathLike, write: Callable[[IO[bytes]], None]) -> Path:
-    """Call ``write(f)`` on a temporary file next to ``path``, then move it onto ``path``."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            write(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file the usual permissions
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
 def _save_png(image: np.ndarray, path: str | os.PathLike) -> Path:
     pil = Image.fromarray(np.ascontiguousarray(image))
-    return _atomic_write(path, lambda f: pil.save(f, format="PNG"))
+    return atomic_write(path, lambda f: pil.save(f, format="PNG"))
 
 
 def _filter_shape(visible: int, sample_shape: Sequence[int] | None) -> tuple[int, ...]:
@@ -340,7 +323,7 @@ def save_cost_png(
     path : Path
     """
     fig = _cost_figure(history, title)
-    return _atomic_write(path, lambda f: fig.savefig(f, format="png"))
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
 
 
 def _cost_figure(history: Sequence[dict], title: str | None = None):

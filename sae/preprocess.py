@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -26,6 +25,8 @@ from typing import Literal
 
 import numpy as np
 from numpy.lib.stride_tricks import sliding_window_view
+
+from sae.atomic import atomic_write
 
 Sums = dict[str, np.ndarray]
 WhiteningMethod = Literal["pca", "zca"]
@@ -444,25 +445,15 @@ class Whitening:
 
     def save(self, path: str | os.PathLike) -> Path:
         """Write the whitening to an ``.npz`` file atomically; returns the path."""
-        path = Path(path)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as f:
-                np.savez(
-                    f,
-                    mean=self.mean,
-                    U=self.U,
-                    S=self.S,
-                    epsilon=np.float64(self.epsilon),
-                    method=np.str_(self.method),
-                    k=np.int64(-1 if self.k is None else self.k),
-                )
-            os.chmod(tmp, 0o644)  # mkstemp makes 0600; give the file the usual permissions
-            os.replace(tmp, path)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
-        return path
+        arrays = dict(
+            mean=self.mean,
+            U=self.U,
+            S=self.S,
+            epsilon=np.float64(self.epsilon),
+            method=np.str_(self.method),
+            k=np.int64(-1 if self.k is None else self.k),
+        )
+        return atomic_write(path, lambda f: np.savez(f, **arrays))
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> Whitening:

@@ -32,7 +32,6 @@ import json
 import math
 import os
 import shutil
-import tempfile
 import time
 import uuid
 import zlib
@@ -43,6 +42,7 @@ from typing import Any, Literal
 
 import numpy as np
 
+from sae.atomic import atomic_write
 from sae.network import Network
 from sae.optimize import PAIRS_SUFFIX
 from worker.dataset import DatasetInfo, open_dataset
@@ -146,16 +146,9 @@ class TrainResult:
 
 
 def _atomic_write_bytes(path: Path, write: Callable[[Any], None]) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
+    # not fsynced: history and pictures are rewritten every iteration; the optimizer state,
+    # which resume needs, is fsynced by OptimizerState.save
+    atomic_write(path, write, fsync=False)
 
 
 def write_json(path: Path, data: Any) -> None:

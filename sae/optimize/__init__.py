@@ -24,7 +24,7 @@ from sae.optimize.options import (
     check_method,
     check_options,
 )
-from sae.optimize.state import FAILED, PAIRS_SUFFIX, STATUSES, OptimizerState, atomic_write
+from sae.optimize.state import FAILED, PAIRS_SUFFIX, STATUSES, OptimizerState
 
 __all__ = [
     "DEFAULT_METHOD",
@@ -36,7 +36,6 @@ __all__ = [
     "CountedObjective",
     "Objective",
     "OptimizerState",
-    "atomic_write",
     "check_max_iter",
     "check_method",
     "check_options",

@@ -30,16 +30,16 @@ import dataclasses
 import hashlib
 import json
 import os
-import tempfile
 import threading
 import weakref
-from collections.abc import Callable, Mapping
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from types import MappingProxyType
-from typing import IO, Any
+from typing import Any
 
 import numpy as np
 
+from sae.atomic import atomic_write, fsync_dir
 from sae.optimize.options import DEFAULT_METHOD, check_method, check_options
 
 #: Format of :meth:`OptimizerState.to_arrays` (the L-BFGS pairs inline as arrays "s", "y").
@@ -267,7 +267,7 @@ class OptimizerState:
         if self.s:
             if not os.path.isdir(folder):
                 os.makedirs(folder, exist_ok=True)
-                _fsync_dir(os.path.dirname(os.path.abspath(path)))
+                fsync_dir(os.path.dirname(os.path.abspath(path)))
             for s, y in zip(self.s, self.y, strict=True):
                 name = _PAIR_NAMES.name(s, y, self.iteration)
                 file = os.path.join(folder, name + ".npy")
@@ -275,9 +275,9 @@ class OptimizerState:
                     pair = np.stack((s, y))
                     atomic_write(file, lambda fh, pair=pair: np.save(fh, pair), sync_dir=False)
                 names.append(name)
-            _fsync_dir(folder)  # the renames above are durable before the state names them
+            fsync_dir(folder)  # the renames above are durable before the state names them
         arrays = self._arrays(FORMAT_PAIRS, names)
-        atomic_write(path, lambda fh: np.savez(fh, **arrays))
+        atomic_write(path, lambda fh: np.savez(fh, **arrays), sync_dir=True)
         _delete_unlisted(folder, {name + ".npy" for name in names})
 
     @classmethod
@@ -394,39 +394,3 @@ def _delete_unlisted(folder: str, keep: set[str]) -> None:
     if not keep:
         with contextlib.suppress(OSError):
             os.rmdir(folder)
-
-
-def _fsync_dir(directory: str) -> None:
-    if hasattr(os, "O_DIRECTORY"):  # POSIX: make renames in the directory durable
-        dir_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-
-
-def atomic_write(
-    path: str | os.PathLike, write: Callable[[IO[bytes]], None], *, sync_dir: bool = True
-) -> None:
-    """Replace the file at ``path`` with what ``write(fh)`` writes, atomically.
-
-    Writes to a temporary file in the same directory, fsyncs it, ``os.replace``-s it onto
-    ``path`` and fsyncs the directory (unless ``sync_dir`` is false: the caller fsyncs it
-    once after several writes). On any error the temporary file is removed and the old
-    file (if any) is left untouched.
-    """
-    path = os.fspath(path)
-    directory = os.path.dirname(os.path.abspath(path))
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            write(fh)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(tmp)
-        raise
-    if sync_dir:
-        _fsync_dir(directory)
