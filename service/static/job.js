@@ -7,6 +7,8 @@
   $("job-id").textContent = id;
   $("model").href = asset("/jobs/" + id + "/model.npz");
   $("history").href = asset("/jobs/" + id + "/history");
+  $("filters-link").href = asset("/jobs/" + id + "/filters.png");
+  $("cost-link").href = asset("/jobs/" + id + "/cost.png");
   let lastIteration = null, done = false;
 
   const img = $("filters");
