@@ -7,17 +7,19 @@ absolute paths, no symbolic link that leads outside.
 
 from __future__ import annotations
 
+import contextlib
 import gzip
 import os
 import re
 import shutil
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 from worker.dataset import DatasetError, DatasetInfo, open_dataset, read_chunk
 
-_SEGMENT = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9._-]{0,127}$")
+_SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # used with fullmatch
 MAX_NAME_LENGTH = 512
 
 
@@ -46,7 +48,7 @@ def check_name(name: str) -> str:
     if name.startswith("/") or "\\" in name or "\x00" in name:
         raise BadName("name: must be a relative path inside the data root")
     for seg in name.split("/"):
-        if seg in ("", ".", "..") or not _SEGMENT.match(seg) or seg.startswith("."):
+        if seg in ("", ".", "..") or not _SEGMENT.fullmatch(seg) or seg.startswith("."):
             raise BadName(
                 f"name: segment {seg!r} is not allowed (letters, digits, '.', '_', '-'; "
                 "no empty, '.' or '..' segments)"
@@ -213,12 +215,32 @@ def _inside_dataset(data_root: str | os.PathLike, dest: Path) -> str | None:
 
 def _check_new(data_root: str | os.PathLike, name: str) -> Path:
     dest = resolve(data_root, name)
+    root = Path(data_root).resolve()
+    for parent in dest.parents:
+        if parent == root or not parent.is_relative_to(root):
+            break
+        if parent.exists() and not parent.is_dir():
+            rel = parent.relative_to(root).as_posix()
+            raise BadName(f"name: {rel!r} is a file, so {name!r} cannot be made under it")
     if dest.exists():
         raise Exists(f"name: a dataset named {name!r} exists already")
     outer = _inside_dataset(data_root, dest)
     if outer is not None:
         raise BadName(f"name: {name!r} would lie inside dataset {outer!r}")
     return dest
+
+
+_CREATING: dict[str, threading.Lock] = {}
+_CREATING_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _creating(name: str) -> Iterator[None]:
+    """Hold the lock of dataset ``name`` while it is made, so a second maker sees it exist."""
+    with _CREATING_LOCK:
+        lock = _CREATING.setdefault(name, threading.Lock())
+    with lock:
+        yield
 
 
 def _gunzip(src: Path, max_bytes: int) -> Path:
@@ -247,31 +269,35 @@ def ingest_upload(
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
     The file is streamed into the Zarr store block by block by :mod:`worker.ingest` (a
-    gzip-compressed ``.npy`` is first decompressed to disk, at most ``max_bytes``).
+    gzip-compressed upload, of either format, is first decompressed to disk, at most
+    ``max_bytes``).
 
     Raises
     ------
     BadName, Exists, ValueError
     """
-    dest = _check_new(data_root, name)
     fmt = sniff_format(src)
     from worker import ingest
 
-    raw = None
-    try:
-        if fmt == "npy":
+    with _creating(name):
+        dest = _check_new(data_root, name)
+        raw = None
+        try:
             with open(src, "rb") as f:
-                if f.read(2) == b"\x1f\x8b":
+                if f.read(2) == b"\x1f\x8b":  # either format: decompress under the cap
                     raw = src = _gunzip(src, max_bytes)
-            info = ingest.ingest_npy(src, dest)
-        else:
-            info = ingest.ingest_idx(src, dest)
-    except (DatasetError, ValueError) as exc:
-        msg = str(exc).replace(str(src), "upload")
-        raise ValueError(msg if msg.startswith("file") else f"file: {msg}") from None
-    finally:
-        if raw is not None:
-            raw.unlink(missing_ok=True)
+            if fmt == "npy":
+                info = ingest.ingest_npy(src, dest)
+            else:
+                info = ingest.ingest_idx(src, dest)
+        except (DatasetError, ValueError) as exc:
+            if dest.exists():  # another process made it meanwhile
+                raise Exists(f"name: a dataset named {name!r} exists already") from None
+            msg = str(exc).replace(str(src), "upload").replace(str(dest), repr(name))
+            raise ValueError(msg if msg.startswith("file") else f"file: {msg}") from None
+        finally:
+            if raw is not None:
+                raw.unlink(missing_ok=True)
     return describe(name, info)
 
 
@@ -284,5 +310,12 @@ def ingest_photographs(data_root: str | os.PathLike, name: str, **options: Any) 
     """
     from worker import ingest
 
-    dest = _check_new(data_root, name)
-    return describe(name, ingest.ingest_photographs(dest, **options))
+    with _creating(name):
+        dest = _check_new(data_root, name)
+        try:
+            info = ingest.ingest_photographs(dest, **options)
+        except DatasetError:
+            if dest.exists():
+                raise Exists(f"name: a dataset named {name!r} exists already") from None
+            raise
+    return describe(name, info)
