@@ -22,6 +22,7 @@ from typing import Any
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
+MAX_ATTEMPTS = 3  # a job found running this many times after restarts fails
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -184,6 +185,25 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
         return Job.from_row(row), True
 
+    def find_idempotent(self, idempotency_key: str, spec: dict[str, Any]) -> Job | None:
+        """The job made earlier with this key, or None.
+
+        Raises
+        ------
+        IdempotencyConflict
+            If the key was used before with a different spec.
+        """
+        row = (
+            self._conn()
+            .execute("SELECT * FROM jobs WHERE idempotency_key = ?", (idempotency_key,))
+            .fetchone()
+        )
+        if row is None:
+            return None
+        if row["spec_hash"] != spec_hash(spec):
+            raise IdempotencyConflict("Idempotency-Key: this key was used for a different spec")
+        return Job.from_row(row)
+
     def get(self, job_id: str) -> Job | None:
         """The job with this id, or None."""
         row = self._conn().execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone()
@@ -284,14 +304,38 @@ class JobStore:
                 > 0
             )
 
-    def requeue_running(self) -> list[str]:
-        """Put every ``running`` job back in the queue (nobody runs them after a restart)."""
+    def requeue_running(self, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+        """Put every ``running`` job back in the queue (nobody runs them after a restart).
+
+        A job already started ``max_attempts`` times fails instead: a job that brings the
+        process down would otherwise restart it forever.
+
+        Returns
+        -------
+        ids : list of str
+            The jobs put back in the queue.
+        """
+        now = time.time()
         with self._tx() as db:
-            ids = [r["id"] for r in db.execute("SELECT id FROM jobs WHERE status = 'running'")]
+            rows = db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
+            ids = [r["id"] for r in rows if r["attempts"] < max_attempts]
+            for r in rows:
+                if r["attempts"] >= max_attempts:
+                    db.execute(
+                        "UPDATE jobs SET status = 'failed', updated_at = ?, finished_at = ?,"
+                        " eta_seconds = NULL, error = ? WHERE id = ? AND status = 'running'",
+                        (
+                            now,
+                            now,
+                            f"interrupted {r['attempts']} times (the service stopped while it"
+                            " ran); not restarted again",
+                            r["id"],
+                        ),
+                    )
             db.execute(
                 "UPDATE jobs SET status = 'queued', updated_at = ?, eta_seconds = NULL"
                 " WHERE status = 'running'",
-                (time.time(),),
+                (now,),
             )
         return ids
 
