@@ -103,13 +103,7 @@ def run_training(
 
 def total_iterations(spec) -> int:
     """Iterations a spec runs: ``max_iter``, or per pretraining stage plus fine-tuning."""
-    if not spec.is_deep:
-        return spec.max_iter
-    if spec.pretrain == "none":
-        stages = 0
-    else:
-        stages = len(spec.hidden_sizes) if spec.stages is None else spec.stages
-    return spec.max_iter * stages + spec.finetune_iter
+    return spec.total_iterations()
 
 
 def progress_callbacks(spec) -> tuple[Callable[[dict], None], Callable[[], None]]:

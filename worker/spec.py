@@ -80,6 +80,24 @@ class TrainSpec(BaseModel):
         """The encoder's hidden sizes as a list."""
         return [self.hidden] if isinstance(self.hidden, int) else list(self.hidden)
 
+    def total_iterations(self) -> int:
+        """Iterations the job runs when it uses all of them.
+
+        ``max_iter`` for one hidden layer; for a deep autoencoder ``max_iter`` per pretraining
+        stage (``stages``, by default one per encoder layer; none for ``pretrain="none"``)
+        plus ``finetune_iter``.
+        """
+        if not self.is_deep:
+            return self.max_iter
+        return self.max_iter * self.n_pretrain_stages + self.finetune_iter
+
+    @property
+    def n_pretrain_stages(self) -> int:
+        """Pretraining stages of a deep autoencoder (0 for ``pretrain="none"``)."""
+        if self.pretrain == "none":
+            return 0
+        return len(self.hidden_sizes) if self.stages is None else self.stages
+
     @property
     def is_deep(self) -> bool:
         """True for more than one hidden layer in the encoder."""
