@@ -32,30 +32,31 @@ log = logging.getLogger("sae.service")
 
 def total_iterations(spec: TrainSpec) -> int:
     """Iterations a job runs when it uses all of them (all stages of a deep network)."""
-    if not spec.is_deep:
-        return spec.max_iter
-    stages = len(spec.hidden_sizes) if spec.pretrain != "none" else 0
-    return stages * spec.max_iter + spec.finetune_iter
+    return spec.total_iterations()
 
 
 def stage_of(entry: dict[str, Any], spec: TrainSpec) -> tuple[str | None, int]:
     """Label of the stage a history entry belongs to, and iterations done before that stage.
 
-    History entries of deep training carry a ``stage`` key: ``"pretrain"`` stages numbered
-    from 1 (as ``"pretrain 2"``, ``"pretrain:2"``, or with a ``layer`` key) and ``"finetune"``.
+    History entries of deep training carry a ``stage`` key: ``"pretrain k/K"`` (as
+    :mod:`worker.deep` writes it; also ``"pretrain 2"``, ``"pretrain:2"``, or with a ``layer``
+    key) and ``"finetune"``. The number of stages is the spec's (``stages``, none for
+    ``pretrain="none"``), or the ``K`` of the label.
     """
     stage = entry.get("stage")
     if stage is None:
         return None, 0
-    K = len(spec.hidden_sizes)
+    K = spec.n_pretrain_stages
     text = str(stage).lower().replace("_", "-")
     if "fine" in text:
-        done = K * spec.max_iter if spec.pretrain != "none" else 0
-        return "fine-tune", done
+        return "fine-tune", K * spec.max_iter
     k = entry.get("layer") or entry.get("stage_index")
+    digits = [int(d) for d in "".join(c if c.isdigit() else " " for c in text).split()]
     if k is None:
-        digits = "".join(c if c.isdigit() else " " for c in text).split()
-        k = int(digits[0]) if digits else 1
+        k = digits[0] if digits else 1
+    if len(digits) >= 2 and "/" in text:  # "pretrain k/K"
+        K = digits[1]
+    K = max(K, 1)
     k = int(k)
     if isinstance(stage, int):
         k = stage + 1 if stage < K else stage
@@ -200,14 +201,15 @@ class Runner:
                     self._cluster_error = f"{type(exc).__name__}: {exc}"
                     return
                 self._cluster_error = None
-            job = self.store.claim_next()
-            if job is None:
-                return
-            active = _Active(job)
-            active.thread = threading.Thread(
-                target=self._run, args=(active,), name=f"sae-job-{job.id}", daemon=True
-            )
+            # claim and register under the lock, so a cancel cannot fall between the two
             with self._lock:
+                job = self.store.claim_next()
+                if job is None:
+                    return
+                active = _Active(job)
+                active.thread = threading.Thread(
+                    target=self._run, args=(active,), name=f"sae-job-{job.id}", daemon=True
+                )
                 self._active[job.id] = active
             active.thread.start()
 
@@ -221,8 +223,8 @@ class Runner:
         job : Job or None
             The job now cancelled, or None if it was not queued or running.
         """
-        job = self.store.transition(job_id, ["queued", "running"], "cancelled")
-        with self._lock:
+        with self._lock:  # a job claimed meanwhile is registered before we look it up
+            job = self.store.transition(job_id, ["queued", "running"], "cancelled")
             active = self._active.get(job_id)
         if active is not None:
             active.cancel.set()
@@ -271,7 +273,7 @@ class Runner:
         if ran > 0:
             rate = (time.monotonic() - active.t0) / ran
             eta = rate * (total - done)
-        self.store.update_progress(
+        still_running = self.store.update_progress(
             active.job.id,
             iteration=it,
             max_iter=stage_max,
@@ -281,6 +283,8 @@ class Runner:
             progress=done / total,
             eta_seconds=eta,
         )
+        if not still_running:  # cancelled or deleted by someone we did not hear from
+            active.cancel.set()
 
     def _run(self, active: _Active) -> None:
         job = active.job
