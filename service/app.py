@@ -8,6 +8,8 @@ the lifespan, never at import time.
 from __future__ import annotations
 
 import logging
+import math
+import re
 import secrets
 import shutil
 import tempfile
@@ -15,6 +17,7 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any
+from urllib.parse import urlsplit
 
 from fastapi import (
     APIRouter,
@@ -31,6 +34,7 @@ from fastapi import (
 )
 from fastapi import Path as PathParam
 from fastapi.concurrency import run_in_threadpool
+from fastapi.encoders import jsonable_encoder
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -93,24 +97,80 @@ RunnerDep = Annotated[Runner, Depends(get_runner)]
 _bearer = HTTPBearer(auto_error=False, description="The service's token, if it has one")
 
 
+def _token_ok(given: str | None, settings: Settings) -> bool:
+    return bool(given) and secrets.compare_digest(given.encode(), settings.token.encode())
+
+
+def _refuse() -> HTTPException:
+    return HTTPException(
+        401,
+        "token: missing or wrong bearer token",
+        headers={"WWW-Authenticate": 'Bearer realm="sae"'},
+    )
+
+
 def require_token(
+    settings: SettingsDep,
+    creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+) -> None:
+    """Refuse the request (401) unless it carries the service's bearer token (header only)."""
+    if settings.token and not _token_ok(creds.credentials if creds else None, settings):
+        raise _refuse()
+
+
+def require_token_or_query(
     request: Request,
     settings: SettingsDep,
     creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
 ) -> None:
-    """Refuse the request (401) unless it carries the service's bearer token.
+    """As :func:`require_token`, but also accept ``?token=``.
 
-    Pictures and downloads linked from the web page may pass it as ``?token=`` instead.
+    Only for GET routes a browser loads without headers (pictures, downloads linked from the
+    web page); the JSON API takes the token in the Authorization header only, so it does not
+    end up in addresses, histories and logs.
     """
     if not settings.token:
         return
     given = creds.credentials if creds else request.query_params.get("token")
-    if not given or not secrets.compare_digest(given.encode(), settings.token.encode()):
-        raise HTTPException(
-            401,
-            "token: missing or wrong bearer token",
-            headers={"WWW-Authenticate": 'Bearer realm="sae"'},
-        )
+    if not _token_ok(given, settings):
+        raise _refuse()
+
+
+class RedactTokens(logging.Filter):
+    """Replace the value of ``token=`` in log records (uvicorn's access log) with ``***``."""
+
+    _PATTERN = re.compile(r"(token=)[^&\s\"']*", re.IGNORECASE)
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if isinstance(record.msg, str):
+            record.msg = self._PATTERN.sub(r"\1***", record.msg)
+        if isinstance(record.args, tuple):
+            record.args = tuple(
+                self._PATTERN.sub(r"\1***", a) if isinstance(a, str) else a for a in record.args
+            )
+        return True
+
+
+def redact_access_log() -> None:
+    """Install :class:`RedactTokens` on the ``uvicorn.access`` logger (once)."""
+    logger = logging.getLogger("uvicorn.access")
+    if not any(isinstance(f, RedactTokens) for f in logger.filters):
+        logger.addFilter(RedactTokens())
+
+
+def json_safe(value: Any) -> Any:
+    """``value`` with every non-finite float replaced by its text (``"inf"``, ``"nan"``).
+
+    Standard JSON has no NaN or infinity, so a validation error that echoes such an input
+    back could not be serialised.
+    """
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {k: json_safe(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [json_safe(v) for v in value]
+    return value
 
 
 def field_error(field: str, msg: str) -> RequestValidationError:
@@ -191,6 +251,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        redact_access_log()
         settings.state_dir.mkdir(parents=True, exist_ok=True)
         settings.data_root.mkdir(parents=True, exist_ok=True)
         store = JobStore(settings.db_path)
@@ -224,18 +285,55 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             ).inc()
         return response
 
+    @app.middleware("http")
+    async def refuse_cross_site(request: Request, call_next):
+        """Without a token, refuse unsafe requests a browser sends on behalf of another site.
+
+        With a token the API is safe from CSRF already (browsers never add the Authorization
+        header by themselves); an open service must check where the request comes from.
+        """
+        if not settings.token and request.method not in ("GET", "HEAD", "OPTIONS"):
+            site = request.headers.get("sec-fetch-site", "").lower()
+            origin = request.headers.get("origin")
+            host = request.headers.get("host", "").lower()
+            foreign = origin is not None and urlsplit(origin).netloc.lower() != host
+            if site == "cross-site" or foreign:
+                return JSONResponse(
+                    {"detail": "origin: cross-site requests are refused"}, status_code=403
+                )
+        return await call_next(request)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        errors = json_safe(jsonable_encoder(json_safe(exc.errors())))
+        return JSONResponse({"detail": errors}, status_code=422)
+
     @app.exception_handler(datasets.BadName)
     async def _bad_name(request: Request, exc: datasets.BadName) -> JSONResponse:
         return JSONResponse({"detail": str(exc)}, status_code=404)
 
     public = APIRouter()
     api = APIRouter(dependencies=[Depends(require_token)], responses={**R400, **R401, **R413})
+    # what the web page links to (img src, download links): these also take ?token=
+    assets = APIRouter(dependencies=[Depends(require_token_or_query)], responses={**R401})
 
     # -- health, metrics, web page --------------------------------------------------------
 
-    @public.get("/health", response_model=Health, tags=["service"])
-    def health(settings: SettingsDep, runner: RunnerDep) -> Health:
-        """Liveness, the scheduler in use and the jobs this process runs."""
+    @public.get(
+        "/health", response_model=Health, response_model_exclude_unset=True, tags=["service"]
+    )
+    def health(
+        settings: SettingsDep,
+        runner: RunnerDep,
+        creds: Annotated[HTTPAuthorizationCredentials | None, Depends(_bearer)],
+    ) -> Health:
+        """Liveness; with the token (or on an open service) also the scheduler and running jobs.
+
+        Unauthenticated callers of a service with a token learn only that it is up: the
+        scheduler address, dashboard and job ids are for its users.
+        """
+        if settings.token and not _token_ok(creds.credentials if creds else None, settings):
+            return Health(status="ok")
         return Health(
             status="ok",
             scheduler=settings.scheduler,
@@ -302,6 +400,9 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
                 raise field_error("name", str(exc)) from None
             except ValueError as exc:
                 raise field_error("file", str(exc)) from None
+            except OSError as exc:
+                msg = f"name: cannot create {name!r} ({exc.strerror})"
+                raise field_error("name", msg) from None
 
     @api.post(
         "/datasets/photographs",
@@ -313,6 +414,13 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
     def ingest_photographs(settings: SettingsDep, body: PhotographPatches) -> dict[str, Any]:
         """Sample patches of the bundled sample photographs into a new dataset."""
         opts = body.model_dump(exclude={"name"})
+        n_features = body.patch_size**2 * (1 if body.gray else 3)
+        if body.n_patches * n_features * 8 > settings.max_dataset_bytes:
+            raise field_error(
+                "n_patches",
+                f"n_patches: {body.n_patches} patches of {n_features} values would exceed "
+                f"{settings.max_dataset_bytes} bytes",
+            )
         try:
             return datasets.ingest_photographs(settings.data_root, body.name, **opts)
         except datasets.Exists as exc:
@@ -321,6 +429,9 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             raise field_error("name", str(exc)) from None
         except ValueError as exc:
             raise field_error(str(exc).split(":")[0].strip() or "name", str(exc)) from None
+        except OSError as exc:
+            msg = f"name: cannot create {body.name!r} ({exc.strerror})"
+            raise field_error("name", msg) from None
 
     @api.get("/datasets/{name:path}", response_model=Dataset, tags=["datasets"], responses={**R404})
     def get_dataset(settings: SettingsDep, name: str) -> dict[str, Any]:
@@ -368,6 +479,14 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         ] = None,
     ) -> JobCreated:
         """Queue a training job; a retry with the same `Idempotency-Key` returns the same job."""
+        if idempotency_key is not None:  # a retry succeeds even if the dataset changed since
+            try:
+                prior = store.find_idempotent(idempotency_key, spec.model_dump(mode="json"))
+            except IdempotencyConflict as exc:
+                raise HTTPException(409, str(exc)) from None
+            if prior is not None:
+                response.headers["Location"] = f"/jobs/{prior.id}"
+                return JobCreated(id=prior.id, status=prior.status, links=links(prior.id))
         for field, msg in validation.check_spec(spec, settings.data_root):
             raise field_error(field, msg)
         try:
@@ -408,10 +527,15 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         responses={**R404, **R409},
     )
     def cancel(job_id: JobId, store: StoreDep, runner: RunnerDep) -> JobOut:
-        """Cancel a queued or running job (a running one stops within one evaluation)."""
+        """Cancel a queued or running job (a running one stops within one evaluation).
+
+        Cancelling a cancelled job again answers 200 (a retried request); a finished job 409.
+        """
         job = runner.cancel(job_id)
         if job is None:
             job = _found(store.get(job_id), job_id)
+            if job.status == "cancelled":
+                return job_out(job, runner)
             raise HTTPException(409, f"status: job {job_id} is {job.status} already")
         return job_out(job, runner)
 
@@ -422,7 +546,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             raise HTTPException(404, f"job: no job {job_id!r}")
         return Response(status_code=204)
 
-    @api.get("/jobs/{job_id}/history", tags=["artifacts"], responses={**R404})
+    @assets.get("/jobs/{job_id}/history", tags=["artifacts"], responses={**R404})
     def history(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
         """The training history, as history.json (an empty list before the first iteration)."""
         _found(store.get(job_id), job_id)
@@ -432,7 +556,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
 
     png = {200: {"content": {"image/png": {}}, "description": "PNG picture"}, **R404}
 
-    @api.get(
+    @assets.get(
         "/jobs/{job_id}/filters.png", tags=["artifacts"], response_class=Response, responses=png
     )
     def filters_png(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
@@ -448,7 +572,9 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"}
         )
 
-    @api.get("/jobs/{job_id}/cost.png", tags=["artifacts"], response_class=Response, responses=png)
+    @assets.get(
+        "/jobs/{job_id}/cost.png", tags=["artifacts"], response_class=Response, responses=png
+    )
     def cost_png(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
         """The cost curve."""
         path = _artifact(runner, store, job_id, "cost.png")
@@ -456,7 +582,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             path.read_bytes(), media_type="image/png", headers={"Cache-Control": "no-store"}
         )
 
-    @api.get(
+    @assets.get(
         "/jobs/{job_id}/model.npz",
         tags=["artifacts"],
         response_class=FileResponse,
@@ -493,12 +619,15 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         if len(body.X) > settings.max_encode_rows:
             raise field_error("X", f"X: at most {settings.max_encode_rows} rows per request")
         try:
-            hidden, recon = encoding.encode(runner.job_dir(job_id) / "model.npz", body.X)
+            hidden, recon = encoding.encode(
+                runner.job_dir(job_id) / "model.npz", body.X, settings.max_encode_values
+            )
         except ValueError as exc:
             raise field_error("X", str(exc)) from None
         return EncodeResponse(hidden=hidden, reconstruction=recon if body.reconstruct else None)
 
     app.include_router(public)
     app.include_router(api)
+    app.include_router(assets)
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

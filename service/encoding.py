@@ -20,7 +20,7 @@ def load_model(path: str | os.PathLike) -> tuple[Network, np.ndarray]:
 
 
 def encode(
-    model_path: str | os.PathLike, X: list[list[float]]
+    model_path: str | os.PathLike, X: list[list[float]], max_values: int | None = None
 ) -> tuple[list[list[float]], list[list[float]]]:
     """Code-layer features and reconstructions of rows ``X``.
 
@@ -28,6 +28,8 @@ def encode(
     ----------
     model_path : path of model.npz
     X : rows of n_visible values
+    max_values : int, optional
+        Refuse requests whose outputs (rows x (largest hidden layer + output units)) exceed it.
 
     Returns
     -------
@@ -37,9 +39,16 @@ def encode(
     Raises
     ------
     ValueError
-        If the rows do not have the model's input size, or the outputs overflow.
+        If the rows do not have the model's input size, they ask for more than ``max_values``
+        output values, or the outputs overflow.
     """
     net, theta = load_model(model_path)
+    per_row = max(net.sizes[1:-1], default=0) + net.sizes[-1]
+    if max_values is not None and len(X) * per_row > max_values:
+        raise ValueError(
+            f"X: {len(X)} rows x {per_row} values per row exceed the limit of {max_values}; "
+            "send fewer rows per request"
+        )
     A = np.asarray(X, dtype=np.float64)
     n = net.sizes[0]
     if A.ndim != 2 or A.shape[1] != n:

@@ -127,7 +127,7 @@ class Health(BaseModel):
     """Liveness and what the service is connected to."""
 
     status: Literal["ok"]
-    scheduler: str | None
-    dashboard_url: str | None
-    running: list[str]
+    scheduler: str | None = Field(None, description="Only shown to holders of the token")
+    dashboard_url: str | None = Field(None, description="Only shown to holders of the token")
+    running: list[str] | None = Field(None, description="Only shown to holders of the token")
     cluster_error: str | None = None

@@ -38,9 +38,14 @@ class Settings(BaseSettings):
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest JSON request body")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload")
     max_dataset_bytes: int = Field(
-        1 << 36, ge=1, description="Largest decompressed upload (gzip-compressed .npy)"
+        1 << 36, ge=1, description="Largest dataset made by an upload (after gunzip) or ingest"
     )
     max_encode_rows: int = Field(10_000, ge=1, description="Most rows per encode request")
+    max_encode_values: int = Field(
+        5_000_000,
+        ge=1,
+        description="Most values an encode request computes: rows x (largest hidden + outputs)",
+    )
     public_dashboard_url: str | None = Field(
         None, description="Dask dashboard link shown to users (default: the client's link)"
     )
