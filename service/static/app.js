@@ -3,7 +3,13 @@
 
 const SAE = (() => {
   const params = new URLSearchParams(location.search);
-  if (params.get("token")) localStorage.setItem("sae-token", params.get("token"));
+  if (params.get("token")) {
+    localStorage.setItem("sae-token", params.get("token"));
+    // keep the token out of the address bar, the history and bookmarks
+    params.delete("token");
+    const rest = params.toString();
+    history.replaceState(null, "", location.pathname + (rest ? "?" + rest : "") + location.hash);
+  }
   const token = () => localStorage.getItem("sae-token") || "";
 
   async function api(path, options = {}) {
@@ -11,7 +17,11 @@ const SAE = (() => {
     if (token()) headers["Authorization"] = "Bearer " + token();
     const r = await fetch(path, Object.assign({}, options, { headers }));
     if (r.status === 401) throw new Error("401: set the service token (?token=...)");
-    if (!r.ok) throw new Error(r.status + ": " + (await r.text()));
+    if (!r.ok) {
+      const e = new Error(r.status + ": " + (await r.text()));
+      e.status = r.status;
+      throw e;
+    }
     return r.status === 204 ? null : r.json();
   }
 

@@ -27,16 +27,30 @@
     svg.replaceChildren();
     svg.dataset.points = String(entries.length);
     if (entries.length < 1) return;
-    const ys = entries.map((e) => Math.log10(Math.max(e.cost ?? e.J, 1e-300)));
-    const lo = Math.min(...ys), hi = Math.max(...ys), span = hi - lo || 1;
     const n = entries.length;
+    // at most ~MAX points drawn: every step-th entry, plus the last one
+    const MAX = 1000, step = Math.ceil(n / MAX);
+    const keep = [];
+    for (let i = 0; i < n; i += step) keep.push(i);
+    if (keep[keep.length - 1] !== n - 1) keep.push(n - 1);
+    svg.dataset.drawn = String(keep.length);
+    // a loop, not Math.min(...ys): spreading a long history overflows the call stack
+    const ys = new Array(n);
+    let lo = Infinity, hi = -Infinity;
+    for (let i = 0; i < n; i++) {
+      const y = Math.log10(Math.max(entries[i].cost ?? entries[i].J, 1e-300));
+      ys[i] = y;
+      if (y < lo) lo = y;
+      if (y > hi) hi = y;
+    }
+    const span = hi - lo || 1;
     const pts = ys.map((y, i) => [pad + (W - 2 * pad) * (n > 1 ? i / (n - 1) : 0), H - pad - (H - 2 * pad) * (y - lo) / span]);
     const ns = "http://www.w3.org/2000/svg";
     // one line per stage of a deep job (pretraining stages, fine-tuning)
     const colours = ["#4a90d9", "#d9822b", "#3a9d5d", "#a347ba", "#c0392b", "#7f8c8d"];
     const stages = [];
-    entries.forEach((e, i) => {
-      const name = e.stage ?? "";
+    keep.forEach((i) => {
+      const name = entries[i].stage ?? "";
       if (!stages.length || stages[stages.length - 1].name !== name) stages.push({ name, idx: [] });
       stages[stages.length - 1].idx.push(i);
     });
@@ -84,10 +98,21 @@
       done = !["queued", "running"].includes(j.status);
       $("error").textContent = "";
     } catch (e) {
-      $("error").textContent = String(e.message || e);
+      if (e.status === 404) {  // deleted: nothing more to poll
+        done = true;
+        document.body.dataset.status = "gone";
+        $("status").textContent = "gone";
+        $("cancel").disabled = true;
+        $("error").textContent = "This job is gone (deleted, or it never existed).";
+      } else {
+        $("error").textContent = String(e.message || e);
+      }
     }
     if (!done) setTimeout(refresh, 1000);
   }
-  $("cancel").addEventListener("click", () => api("/jobs/" + id + "/cancel", { method: "POST" }).then(refresh));
+  $("cancel").addEventListener("click", () =>
+    api("/jobs/" + id + "/cancel", { method: "POST" })
+      .then(refresh)
+      .catch((e) => { $("error").textContent = "Cancel failed: " + String(e.message || e); }));
   refresh();
 })();
