@@ -78,6 +78,7 @@ class Server:
     data_root, state_dir : Path
     token : str, optional
     args : extra command-line options of ``sae serve``
+    env : extra environment variables (``SAE_*`` settings without an option)
     """
 
     def __init__(
@@ -87,9 +88,11 @@ class Server:
         token: str | None = None,
         args: Sequence[str] = (),
         log: Path | None = None,
+        env: dict[str, str] | None = None,
     ):
         self.data_root, self.state_dir, self.token = data_root, state_dir, token
         self.args = list(args)
+        self.env = dict(env or {})
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = log or state_dir.parent / f"serve-{self.port}.log"
@@ -120,7 +123,11 @@ class Server:
         self.log.parent.mkdir(parents=True, exist_ok=True)
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(
-                cmd, stdout=log, stderr=subprocess.STDOUT, env=child_env(), start_new_session=True
+                cmd,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=child_env(**self.env),
+                start_new_session=True,
             )
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:

@@ -100,3 +100,28 @@ def test_job_page_shows_a_running_job(tmp_path):
         )
         assert shot.stat().st_size > 0
         assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
+
+def test_long_history_and_a_deleted_job(tmp_path):
+    write_tiny(tmp_path / "data", "tiny")
+    with Server(tmp_path / "data", tmp_path / "state", token=TOKEN) as srv, srv.client() as http:
+        spec = {"dataset": "tiny", "hidden": 4, "max_iter": 3}
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        assert wait_job(http, job_id)["status"] == "succeeded"
+        # a history far longer than Math.min(...array) can take as arguments
+        n = 300_000
+        entries = ",".join(f'{{"iteration":{i},"cost":{1.0 + 1.0 / (i + 1)}}}' for i in range(n))
+        (srv.state_dir / "jobs" / job_id / "history.json").write_text(f"[{entries}]")
+        dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "profile")
+        curve = re.search(r'<svg[^>]*id="curve"[^>]*>', dom)
+        assert curve, dom[-2000:]
+        assert f'data-points="{n}"' in curve.group(0)
+        drawn = int(re.search(r'data-drawn="(\d+)"', curve.group(0)).group(1))
+        assert 2 <= drawn <= 1001
+        assert "polyline" in dom and _text(dom, "error") == ""
+
+        # a job that does not exist (or was deleted): the page says so and stops polling
+        assert http.delete(f"/jobs/{job_id}").status_code == 204
+        dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "profile2")
+        assert 'data-status="gone"' in dom
+        assert "gone" in _text(dom, "error")

@@ -100,3 +100,17 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert s.data_root == tmp_path / "d" and s.token == "t"
     assert s.max_concurrent_jobs == 3 and s.scheduler == "tcp://10.0.0.1:8786"
     assert Settings(token="u").token == "u"  # arguments win over the environment
+
+
+def test_a_job_interrupted_three_times_fails(store):
+    job, _ = store.create({"dataset": "d"}, 10)
+    for attempt in (1, 2):
+        assert store.claim_next().attempts == attempt
+        assert store.requeue_running() == [job.id]  # the process died while it ran
+        assert store.get(job.id).status == "queued"
+    assert store.claim_next().attempts == 3
+    assert store.requeue_running() == []
+    failed = store.get(job.id)
+    assert failed.status == "failed" and failed.finished_at is not None
+    assert "interrupted 3 times" in failed.error
+    assert store.claim_next() is None
