@@ -240,28 +240,31 @@ def evaluate_chunks(
     dtype: str,
     m: int,
     fan_in: int = DEFAULT_FAN_IN,
+    n_chunks: int | None = None,
 ) -> tuple[float, np.ndarray]:
     """The objective from an iterable of ``(X, Y)`` chunk pairs, in one process, with the
     same chunk sums and the same fixed-shape tree as the distributed graph (same bits).
 
-    ``chunks`` is called twice (a callable returning an iterable) for two passes.
+    ``chunks`` is called twice (a callable returning an iterable) for two passes. With
+    ``n_chunks`` given, the sums are reduced while they stream (:func:`streaming_tree_sum`):
+    at most O(fan_in x depth) chunk sums are alive at once, not one per chunk.
     """
+
+    def reduce(parts) -> obj.Sums:
+        if n_chunks is None:
+            return sequential_tree_sum(list(parts), fan_in)
+        return streaming_tree_sum(parts, n_chunks, fan_in)
+
     if passes == "fused":
-        total = sequential_tree_sum(
-            [obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
-        )
+        total = reduce(obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks())
         return obj.finalize(net, theta, total)
     if net.sparse_layers:
-        s1 = sequential_tree_sum(
-            [obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks()], fan_in
-        )
+        s1 = reduce(obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks())
         rh = obj.rho_hat(net, s1)
     else:
         s1 = {"count": np.float64(m)}
         rh = {}
-    s2 = sequential_tree_sum(
-        [obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
-    )
+    s2 = reduce(obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks())
     return obj.finalize(net, theta, obj.merge_sums(s1, s2))
 
 
@@ -280,7 +283,7 @@ def _whole(
     def chunks():
         return (_stage_data(src, i, encoder) for i in range(n))
 
-    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in)
+    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in, n_chunks=n)
 
 
 # --------------------------------------------------------------------------- the tree
@@ -340,6 +343,57 @@ def sequential_tree_sum(parts: Sequence[obj.Sums], fan_in: int = DEFAULT_FAN_IN)
     for groups in tree_levels(len(level), fan_in):
         level = [level[a] if b - a == 1 else _sum(*level[a:b]) for a, b in groups]
     return _sum(*level)
+
+
+def streaming_tree_sum(parts, n: int, fan_in: int = DEFAULT_FAN_IN) -> obj.Sums:
+    """:func:`sequential_tree_sum` over an iterable of ``n`` sums, reduced while streaming.
+
+    Each node of the fixed-shape tree is added as soon as its last input arrives, so at
+    most ``fan_in`` sums per level (O(fan_in x depth)) are alive at once, whatever ``n``;
+    the additions are the same, in the same order (bitwise the same total).
+
+    Parameters
+    ----------
+    parts : iterable of Sums
+        The leaves, in chunk order (a generator is consumed one item at a time).
+    n : int
+        Number of leaves (the shape of the tree depends on it).
+    fan_in : int
+
+    Raises
+    ------
+    ValueError
+        If ``parts`` does not yield exactly ``n`` items.
+    """
+    levels = tree_levels(n, fan_in)
+    depth = len(levels)
+    bufs: list[list[obj.Sums]] = [[] for _ in range(depth + 1)]
+    pos = [0] * depth  # index of the group being filled at each level
+
+    def push(item: obj.Sums) -> None:
+        d = 0
+        while d < depth:
+            a, b = levels[d][pos[d]]
+            bufs[d].append(item)
+            if len(bufs[d]) < b - a:
+                return
+            grp, bufs[d] = bufs[d], []
+            pos[d] += 1
+            item = grp[0] if len(grp) == 1 else _sum(*grp)
+            del grp
+            d += 1
+        bufs[depth].append(item)
+
+    count = 0
+    for p in parts:
+        count += 1
+        if count > n:
+            raise ValueError(f"parts: expected {n} sums, got more")
+        push(p)
+        del p
+    if count != n:
+        raise ValueError(f"parts: expected {n} sums, got {count}")
+    return _sum(*bufs[depth])
 
 
 # --------------------------------------------------------------------------- helpers
@@ -743,6 +797,7 @@ class LocalObjective:
             self.dtype,
             self.info.shape[0],
             self.fan_in,
+            n_chunks=len(self.chunks),
         )
         d = time.perf_counter() - t0
         self.stats.n_evals += 1
@@ -767,5 +822,6 @@ __all__ = [
     "clear_cache",
     "dataset_token",
     "sequential_tree_sum",
+    "streaming_tree_sum",
     "tree_sum",
 ]

@@ -1,0 +1,116 @@
+"""Hardening of the engine and the training loop: bounded memory of the reduction, cancel
+during an evaluation, stale metadata on remote stores, and friends."""
+
+from __future__ import annotations
+
+import weakref
+
+import numpy as np
+import pytest
+
+from sae.network import Network
+from worker.engine import (
+    LocalObjective,
+    evaluate_chunks,
+    sequential_tree_sum,
+    streaming_tree_sum,
+    tree_levels,
+)
+
+NET = Network.autoencoder(6, 3, lam=1e-4, rho=0.1, beta=3.0)
+
+
+class _Leaf(dict):
+    """A chunk's sums that can be counted while alive (a plain dict takes no weakref)."""
+
+
+def _parts(n: int, seed: int) -> list[dict]:
+    rng = np.random.default_rng(seed)
+    return [
+        {"count": np.float64(1), "W": rng.standard_normal(5) * 10.0 ** rng.integers(-8, 8)}
+        for _ in range(n)
+    ]
+
+
+def _counted(parts: list[dict], alive: set, peak: list):
+    """Yield copies of ``parts`` as :class:`_Leaf`, recording how many are alive at once."""
+    for i, p in enumerate(parts):
+        leaf = _Leaf(p)
+        alive.add(i)
+        weakref.finalize(leaf, alive.discard, i)
+        peak[0] = max(peak[0], len(alive))
+        yield leaf
+        del leaf
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 63, 64, 65, 100, 513])
+@pytest.mark.parametrize("fan_in", [2, 3, 8])
+def test_streaming_tree_sum_is_the_same_tree(n, fan_in):
+    parts = _parts(n, n * 10 + fan_in)
+    a = sequential_tree_sum(parts, fan_in)
+    b = streaming_tree_sum(iter(parts), n, fan_in)
+    assert a.keys() == b.keys()
+    assert np.array_equal(a["W"], b["W"]) and a["count"] == b["count"] == n
+
+
+@pytest.mark.parametrize("n,fan_in", [(513, 2), (513, 8), (1000, 3)])
+def test_streaming_tree_sum_holds_few_sums(n, fan_in):
+    alive: set = set()
+    peak = [0]
+    parts = _parts(n, 1)
+    total = streaming_tree_sum(_counted(parts, alive, peak), n, fan_in)
+    assert total["count"] == n
+    depth = len(tree_levels(n, fan_in))
+    # Leaves buffered at level 0 only: at most fan_in (+1 being pushed), never n.
+    assert peak[0] <= fan_in + 1 < n
+    assert depth >= 2
+    # The old way (a list of every chunk's sums) holds all n at once.
+    alive.clear()
+    peak[0] = 0
+    sequential_tree_sum(list(_counted(parts, alive, peak)), fan_in)
+    assert peak[0] == n
+
+
+def test_streaming_tree_sum_counts_its_parts():
+    with pytest.raises(ValueError, match="expected 5"):
+        streaming_tree_sum(iter(_parts(4, 0)), 5)
+    with pytest.raises(ValueError, match="expected 3"):
+        streaming_tree_sum(iter(_parts(4, 0)), 3)
+
+
+@pytest.mark.parametrize("passes", ["two", "fused"])
+def test_evaluate_chunks_streaming_same_bits(passes):
+    rng = np.random.default_rng(3)
+    chunks = [(rng.random((7, 6)), None) for _ in range(20)]
+    theta = NET.init_theta(2)
+    m = sum(len(c[0]) for c in chunks)
+    J0, g0 = evaluate_chunks(NET, theta, lambda: iter(chunks), passes, "float64", m, 3)
+    J1, g1 = evaluate_chunks(
+        NET, theta, lambda: iter(chunks), passes, "float64", m, 3, n_chunks=len(chunks)
+    )
+    assert J0 == J1 and np.array_equal(g0, g1)
+
+
+def test_local_objective_memory_does_not_grow_with_chunks(tmp_path):
+    """tracemalloc peak of one evaluation: chunk sums are not all kept (many small chunks
+    of a wide network; the old list of sums would cost n_chunks x n_params x 8 bytes)."""
+    import tracemalloc
+
+    from worker.dataset import write_dataset
+
+    net = Network.autoencoder(64, 64, lam=1e-4, rho=0.1, beta=3.0)
+    X = np.random.default_rng(0).random((400, 64))
+    path = tmp_path / "many"
+    write_dataset(path, X, *X.shape, chunk_rows=2)  # 200 chunks
+    f = LocalObjective(str(path), net)
+    theta = net.init_theta(0)
+    f(theta)
+    tracemalloc.start()
+    try:
+        f(theta)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    per_sums = net.n_params * 8
+    assert f.info.n_chunks == 200
+    assert peak < 40 * per_sums < f.info.n_chunks * per_sums
