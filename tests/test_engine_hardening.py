@@ -114,3 +114,65 @@ def test_local_objective_memory_does_not_grow_with_chunks(tmp_path):
     per_sums = net.n_params * 8
     assert f.info.n_chunks == 200
     assert peak < 40 * per_sums < f.info.n_chunks * per_sums
+
+
+# --------------------------------------------------------------------------- cancel
+
+
+def _block_until(flag: str, limit: float) -> str:
+    """Occupy a worker thread until ``flag`` exists (or ``limit`` seconds)."""
+    import time
+    from pathlib import Path
+
+    t0 = time.monotonic()
+    while not Path(flag).exists() and time.monotonic() - t0 < limit:
+        time.sleep(0.05)
+    return "released"
+
+
+@pytest.fixture
+def busy_workers(two_workers, tmp_path):
+    """Both workers' only threads taken by another job's tasks (for up to 60 s)."""
+    import time
+
+    flag = tmp_path / "release"
+    workers = sorted(two_workers.scheduler_info(n_workers=-1)["workers"])
+    futs = [
+        two_workers.submit(_block_until, str(flag), 60.0, workers=[w], pure=False) for w in workers
+    ]
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:  # both blockers running
+        proc = two_workers.processing()
+        if all(proc.get(w) for w in workers):
+            break
+        time.sleep(0.05)
+    yield futs
+    flag.touch()
+    for f in futs:
+        f.result(timeout=30)
+
+
+@pytest.mark.parametrize("plan", ["local", "distributed"])
+def test_cancel_while_workers_are_busy_returns(two_workers, busy_workers, tmp_path, plan):
+    """A cancel while the job's tasks wait behind another job's: train returns (with
+    the initial parameters, status cancelled) before the other job ends."""
+    from worker.spec import TrainSpec
+    from worker.train import load_model, train
+
+    X = np.random.default_rng(0).random((300, 6))
+    path = tmp_path / "d"
+    from worker.dataset import write_dataset
+
+    write_dataset(path, X, *X.shape, chunk_rows=100)
+    spec = TrainSpec(dataset=str(path), hidden=3, max_iter=5, seed=1)
+    calls = [0]
+
+    def stop() -> bool:  # not before the first evaluation: cancel while it waits
+        calls[0] += 1
+        return calls[0] > 2
+
+    r = train(spec, tmp_path / "job", client=two_workers, should_stop=stop, plan=plan)
+    assert not any(f.done() for f in busy_workers)  # returned before the blockers ended
+    assert r.status == "cancelled" and r.iterations == 0
+    net, theta, _ = load_model(r.model_path)
+    assert np.array_equal(theta, net.init_theta(1))

@@ -31,6 +31,7 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -62,6 +63,8 @@ INLINE_THETA_BYTES = 2**20
 #: below the worker's pause threshold (80% of the limit).
 CACHE_FRACTION = 0.6
 CACHE_RESERVED_BYTES = 256 * 2**20
+#: An evaluation waiting for its result checks ``should_stop`` this often (seconds).
+POLL_SECONDS = 0.2
 
 
 class Cancelled(Exception):
@@ -471,8 +474,9 @@ class DistributedObjective:
     fan_in : int
         Fan-in of the reduction tree (2..8).
     should_stop : callable, optional
-        Checked before each evaluation; when it returns True the call raises
-        :class:`Cancelled`.
+        Checked before each evaluation and every :data:`POLL_SECONDS` while one runs (or
+        waits for busy or absent workers); when it returns True the call cancels the
+        evaluation's tasks and raises :class:`Cancelled`.
     single_task : bool, optional
         Evaluate everything in one task (``whole-<job>``): no per-chunk scheduling, the same
         bits. Default: for one chunk or up to :data:`SINGLE_TASK_BYTES` of data.
@@ -718,7 +722,7 @@ class DistributedObjective:
         Raises
         ------
         Cancelled
-            If ``should_stop()`` is true before the evaluation.
+            If ``should_stop()`` is true before or during the evaluation.
         worker.dataset.ChunkError
             If a chunk is missing, unreadable or non-finite (the message names it).
         """
@@ -730,13 +734,33 @@ class DistributedObjective:
         t0 = time.perf_counter()
         self._refresh_workers()
         hlg, key = self.graph(theta)
-        J, grad = self.client.get(hlg, key)
+        J, grad = self._wait(self.client.get(hlg, key, sync=False))
         dt = time.perf_counter() - t0
         self.stats.n_evals += 1
         self.stats.seconds += dt
         self.stats.last_seconds = dt
         self.stats.times.append(dt)
         return float(J), grad
+
+    def _wait(self, future):
+        """The result of an evaluation's future, checking ``should_stop`` every
+        :data:`POLL_SECONDS` (an evaluation may wait long for busy or absent workers)."""
+        from distributed import wait
+
+        try:
+            while True:
+                try:
+                    wait([future], timeout=POLL_SECONDS)
+                    break
+                except TimeoutError:
+                    if self.should_stop is not None and self.should_stop():
+                        raise Cancelled("stopped during an evaluation") from None
+            return future.result()
+        finally:
+            if not future.done():
+                with contextlib.suppress(Exception):
+                    self.client.cancel(future)
+            future.release()
 
     @property
     def n_evals(self) -> int:

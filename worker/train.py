@@ -65,6 +65,9 @@ OWNER = ".owner"
 LOCAL_PLAN_BYTES = 64 * 2**20
 #: Seconds between refreshes of filters.png and model.npz during training.
 REFRESH_SECONDS = 5.0
+#: After a cancel request, a local-plan task has this long to stop by itself before the
+#: client cancels it and reports the last checkpoint (a task queued behind busy workers).
+CANCEL_GRACE_SECONDS = 3.0
 
 #: Output activations and the value range their units can reach.
 OUTPUT_RANGES = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
@@ -571,6 +574,31 @@ def run_local_stage(
     return d
 
 
+def _cancelled_stage(out: Path, net: Network, theta0: np.ndarray, metadata: dict) -> dict:
+    """The result of a local-plan stage whose task was abandoned after a cancel: the last
+    checkpoint (or theta0), written to model.npz like a stage that stopped itself."""
+    from sae.optimize import OptimizerState
+
+    try:
+        st = OptimizerState.load(out / STATE)
+    except (FileNotFoundError, OSError, ValueError):
+        st = None
+    theta = np.asarray(theta0 if st is None or st.J is None else st.theta, dtype=np.float64)
+    save_model(out / MODEL, net, theta, metadata)
+    history = read_history(out / HISTORY) if (out / HISTORY).exists() else []
+    if st is not None:
+        history = [e for e in history if e["iteration"] <= st.iteration]
+    return {
+        "status": "cancelled",
+        "theta": theta,
+        "cost": None if st is None or st.J is None else float(st.J),
+        "iterations": 0 if st is None else int(st.iteration),
+        "evaluations": 0 if st is None else int(st.n_evals),
+        "seconds": float(history[-1]["seconds"]) if history else 0.0,
+        "message": "cancelled while the task waited or evaluated",
+    }
+
+
 def _follow_local(
     client,
     future,
@@ -578,10 +606,20 @@ def _follow_local(
     on_iteration: Callable[[dict], None] | None,
     should_stop: Callable[[], bool] | None,
     poll: float = 0.1,
-) -> dict:
-    """Wait for a local-plan task, forwarding history entries and cancel requests."""
+    grace: float | None = None,
+) -> dict | None:
+    """Wait for a local-plan task, forwarding history entries and cancel requests.
+
+    After a cancel request the task gets ``grace`` seconds (default
+    :data:`CANCEL_GRACE_SECONDS`) to stop at its next check; then it is cancelled (a task
+    still queued behind busy or absent workers never starts), its ``.owner`` file removed
+    (a task already running stops at its next check) and None is returned: the caller
+    reports the last checkpoint.
+    """
     from distributed import wait
 
+    grace = CANCEL_GRACE_SECONDS if grace is None else grace
+    cancelled_at: float | None = None
     seen = -1
     mtime = None
     history_path = out / HISTORY
@@ -613,8 +651,16 @@ def _follow_local(
             forward()
             if future.done():
                 break
-            if should_stop is not None and should_stop():
+            if cancelled_at is None and should_stop is not None and should_stop():
                 (out / CANCEL).touch()
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > grace:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / OWNER).unlink()
+                client.cancel(future)
+                mtime = None
+                forward()
+                return None
         result = future.result()
         mtime = None
         forward()
@@ -861,6 +907,8 @@ def _train_local(
         **kwargs,
     )
     stage = _follow_local(client, future, out, on_iteration, should_stop)
+    if stage is None:
+        stage = _cancelled_stage(out, net, theta0, metadata)
     history = read_history(out / HISTORY)
     if history:
         _save_cost(history, out / COST)
