@@ -176,3 +176,56 @@ def test_cancel_while_workers_are_busy_returns(two_workers, busy_workers, tmp_pa
     assert r.status == "cancelled" and r.iterations == 0
     net, theta, _ = load_model(r.model_path)
     assert np.array_equal(theta, net.init_theta(1))
+
+
+# --------------------------------------------------------------------------- stale metadata
+
+
+def test_remote_rewrite_is_not_read_with_stale_metadata(tmp_path, monkeypatch):
+    """A memory:// dataset rewritten with fewer rows by another process: a long-lived
+    worker (whose array cache the writer cannot clear) reads the new version, and the
+    engine's token changes although the group attributes are otherwise identical."""
+    import worker.dataset as ds
+    from worker.engine import dataset_token
+
+    monkeypatch.setattr(ds._open_array, "cache_clear", lambda: None)  # the worker's cache
+    url = f"memory://stale-{tmp_path.name}/d"
+    A, B = np.ones((1000, 4)), np.full((950, 4), 2.0)
+    ds.write_dataset(url, A, *A.shape, dtype="float64", chunk_rows=100)
+    tok1 = dataset_token(url)
+    assert dataset_token(url) == tok1  # stable while unchanged
+    assert ds.read_chunk(url, 9).shape == (100, 4)
+    ds.write_dataset(url, B, *B.shape, dtype="float64", chunk_rows=100, overwrite=True)
+    assert ds.open_dataset(url).shape == (950, 4)
+    assert dataset_token(url) != tok1
+    c = ds.read_chunk(url, 9, scale=1.0)
+    assert c.shape == (50, 4) and np.all(c == 2.0)
+    np.testing.assert_array_equal(ds.read_all(url), B)
+    ds._open_array_cached.cache_clear()
+
+
+def test_remote_rewrite_seen_by_a_worker_process(two_workers, tmp_path):
+    """The same in a real worker process, whose memory:// store and caches are its own."""
+
+    def scenario(url: str):
+        import numpy as np
+
+        import worker.dataset as ds
+        from worker.engine import dataset_token
+
+        A, B = np.ones((1000, 4)), np.full((950, 4), 2.0)
+        ds.write_dataset(url, A, *A.shape, dtype="float64", chunk_rows=100)
+        tok = dataset_token(url)
+        first = ds.read_chunk(url, 9).shape
+        clear = ds._open_array.cache_clear
+        ds._open_array.cache_clear = lambda: None  # as if another process rewrote it
+        try:
+            ds.write_dataset(url, B, *B.shape, dtype="float64", chunk_rows=100, overwrite=True)
+        finally:
+            ds._open_array.cache_clear = clear
+        c = ds.read_chunk(url, 9, scale=1.0)
+        return first, c.shape, float(c.min()), tok != dataset_token(url)
+
+    url = f"memory://stale-w-{tmp_path.name}/d"
+    first, shape, low, changed = two_workers.submit(scenario, url, pure=False).result()
+    assert first == (100, 4) and shape == (50, 4) and low == 2.0 and changed

@@ -48,7 +48,7 @@ import numpy as np
 
 from sae import objective as obj
 from sae.network import Network
-from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk
+from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk, write_id
 
 Passes = Literal["two", "fused"]
 Target = Literal["inputs", "raw"]
@@ -412,7 +412,10 @@ def dataset_token(path: str) -> str:
             return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
         except OSError:
             return uuid.uuid4().hex
-    try:  # remote stores: the group metadata's content
+    wid = write_id(p)
+    if wid:  # remote stores: the id of the write (unique per write_dataset)
+        return f"w-{wid}"
+    try:  # a dataset written before write_id: the group metadata's content
         import fsspec
 
         with fsspec.open(p.rstrip("/") + "/zarr.json", "rb") as fh:

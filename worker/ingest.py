@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +47,11 @@ from worker.dataset import (
     _local,
     _open_array,
     default_chunk_rows,
+    move_into_place,
     open_dataset,
     read_chunk,
+    remove_path,
+    scratch_path,
     write_dataset,
 )
 
@@ -93,45 +94,8 @@ def _check_dest(dest: str | os.PathLike, overwrite: bool) -> None:
         raise DatasetError(_exists_message(dest))
 
 
-def _scratch(dest: str | os.PathLike, tag: str) -> str:
-    """A hidden sibling of ``dest`` for intermediate writes (same filesystem: rename is atomic)."""
-    hexid = uuid.uuid4().hex[:8]
-    if _is_local(dest):
-        final = _local(dest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return str(final.parent / f".{final.name}.{tag}-{hexid}")
-    url = str(dest).rstrip("/")
-    head, _, name = url.rpartition("/")
-    return f"{head}/.{name}.{tag}-{hexid}"
-
-
-def _remove(path: str | os.PathLike) -> None:
-    """Remove whatever is at ``path``, quietly."""
-    if _is_local(path):
-        shutil.rmtree(_local(path), ignore_errors=True)
-        return
-    try:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(str(path))
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    except Exception:  # noqa: BLE001 - best effort cleanup after a failure
-        pass
-
-
-def _replace(tmp: str, dest: str | os.PathLike, overwrite: bool) -> None:
-    """Rename a finished local dataset into place (replacing the old one if allowed)."""
-    final = _local(dest)
-    if final.exists():
-        if not overwrite:
-            raise DatasetError(_exists_message(dest))
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+_scratch = scratch_path
+_remove = remove_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +163,8 @@ def _write(
     if isinstance(blocks, np.ndarray):
         arr = blocks
         blocks = (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
-    local = _is_local(dest)
-    target = _scratch(dest, "tmp") if local else str(dest)
-    if not local:
-        _check_dest(dest, overwrite)
+    _check_dest(dest, overwrite)
+    target = _scratch(dest, "tmp")  # moved into place only once complete (local or remote)
     bar = _progress_bar(progress, n_rows, f"writing {dest}")
     tracker = _RangeTracker(scale, what, bar.update)
     try:
@@ -218,7 +180,7 @@ def _write(
                 sample_shape=sample_shape,
                 preprocessing=preprocessing,
                 source=source,
-                overwrite=not local,
+                in_place=True,
             )
         group = zarr.open_group(target, mode="r+")
         pre = dict(group.attrs.get("preprocessing") or {})
@@ -226,8 +188,7 @@ def _write(
         if extra is not None:
             extra(group)
         group.attrs["preprocessing"] = pre
-        if local:
-            _replace(target, dest, overwrite)
+        move_into_place(target, dest, overwrite)
     except BaseException:
         _remove(target)
         raise
