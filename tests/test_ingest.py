@@ -624,3 +624,35 @@ def test_read_chunk_refuses_overflow_of_any_stored_dtype(tmp_path):
     write_dataset(tmp_path / "d", x, *x.shape, dtype="uint8", chunk_rows=3, scale=1e307)
     with pytest.raises(ChunkError, match="chunk 0"):
         read_chunk(tmp_path / "d", 0)
+
+
+def test_image_patches_keep_pixels_as_uint8(tmp_path, monkeypatch):
+    """Images stay uint8 in memory while patches are drawn (8x less than float64), and the
+    patches are bitwise those of float64 images / 255."""
+    import sae.preprocess as preprocess
+
+    real = preprocess.sample_patches
+    seen = []
+
+    def recording(images, *args, **kwargs):
+        seen.extend(np.asarray(a).dtype for a in images)
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "sample_patches", recording)
+    arrays = write_pngs(tmp_path / "pics", 3, size=(40, 30), seed=5)
+    assert {int(v) for a in arrays for v in np.unique(a)} >= {0, 255}
+    for gray in (True, False):
+        seen.clear()
+        dest = tmp_path / f"d{gray}"
+        ingest_images(tmp_path / "pics", dest, patch_size=6, n_patches=300, seed=4, gray=gray)
+        assert seen and all(dt == np.uint8 for dt in seen)
+        images = [_image(tmp_path / "pics", i, gray) / 255.0 for i in range(3)]
+        np.testing.assert_array_equal(read_all(dest), real(images, 6, 300, 4))
+
+
+def _image(folder: Path, i: int, gray: bool) -> np.ndarray:
+    from PIL import Image
+
+    path = sorted(folder.iterdir())[i]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L" if gray else "RGB"))

@@ -811,8 +811,12 @@ def ingest_images(
             )
 
     else:
-        images = [_read_image(p, gray).astype(np.float64) / 255.0 for p in files]
-        n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, str(folder))
+        # uint8 in memory (8x less than float64); sampled patches are divided by 255, which
+        # gives the bits of sampling images / 255.0 (the same division of the same pixel).
+        images = [_read_image(p, gray) for p in files]
+        n_feat, patch_blocks = _patches(
+            images, patch_size, n_patches, seed, str(folder), divisor=255.0
+        )
         p = int(patch_size)
         sample_shape = (p, p) if gray else (p, p, 3)
 
@@ -854,12 +858,18 @@ PATCH_BLOCK = 65536
 
 
 def _patches(
-    images: list[np.ndarray], patch_size: int, n_patches: int, seed: int, what: str
+    images: list[np.ndarray],
+    patch_size: int,
+    n_patches: int,
+    seed: int,
+    what: str,
+    divisor: float | None = None,
 ) -> tuple[int, Callable[[], Iterator[np.ndarray]]]:
     """Random patches in blocks of at most :data:`PATCH_BLOCK`, so memory stays bounded.
 
     Up to ``PATCH_BLOCK`` patches are exactly ``sample_patches(images, p, n_patches, seed)``;
-    beyond, block ``j`` holds ``sample_patches(images, p, size_j, [seed, j])``.
+    beyond, block ``j`` holds ``sample_patches(images, p, size_j, [seed, j])``; each block is
+    divided by ``divisor`` when given (images kept as uint8, patches as float64).
 
     Returns
     -------
@@ -873,9 +883,12 @@ def _patches(
     def block(j: int) -> np.ndarray:
         size = min(PATCH_BLOCK, n_patches - j * PATCH_BLOCK)
         try:
-            return sample_patches(images, patch_size, size, seed if j == 0 else [seed, j])
+            X = sample_patches(images, patch_size, size, seed if j == 0 else [seed, j])
         except ValueError as exc:
             raise ValueError(f"{what}: {exc}") from None
+        if divisor is not None:
+            X /= divisor
+        return X
 
     if n_patches < 1:
         raise ValueError(f"n_patches: must be an integer >= 1, got {n_patches!r}")
