@@ -229,3 +229,89 @@ def test_remote_rewrite_seen_by_a_worker_process(two_workers, tmp_path):
     url = f"memory://stale-w-{tmp_path.name}/d"
     first, shape, low, changed = two_workers.submit(scenario, url, pure=False).result()
     assert first == (100, 4) and shape == (50, 4) and low == 2.0 and changed
+
+
+# --------------------------------------------------------------------------- CLI errors
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _small_dataset(tmp_path, rows=60, chunk_rows=20):
+    from worker.dataset import write_dataset
+
+    X = np.random.default_rng(0).random((rows, 6))
+    path = tmp_path / "d"
+    write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=chunk_rows)
+    return str(path), X
+
+
+@pytest.mark.parametrize("command", ["train", "gradcheck"])
+def test_cli_unreachable_scheduler_is_a_clean_message(tmp_path, monkeypatch, command):
+    from click.testing import CliRunner
+
+    import worker.cluster
+    from service.cli import main
+
+    monkeypatch.setattr(worker.cluster, "CONNECT_TIMEOUT", 1.0)
+    path, _ = _small_dataset(tmp_path)
+    address = f"tcp://127.0.0.1:{_free_port()}"
+    args = [command, path, "--hidden", "3", "--scheduler", address]
+    if command == "train":
+        args += ["--out", str(tmp_path / "job")]
+    r = CliRunner().invoke(main, args)
+    assert r.exit_code == 1, r.output
+    assert f"scheduler: cannot connect to {address}" in r.output
+    assert "Traceback" not in r.output and not isinstance(r.exception, OSError)
+
+
+def test_cli_train_dataset_and_resume_is_a_usage_error(tmp_path):
+    from click.testing import CliRunner
+
+    from service.cli import main
+
+    path, _ = _small_dataset(tmp_path)
+    (tmp_path / "job").mkdir()
+    (tmp_path / "job" / "job.json").write_text('{"spec": {"dataset": "%s"}}' % path)
+    r = CliRunner().invoke(main, ["train", path, "--resume", str(tmp_path / "job")])
+    assert r.exit_code == 2 and "not both" in r.output, r.output
+
+
+@pytest.mark.parametrize("command", ["encode", "reconstruct"])
+def test_cli_encode_reconstruct_corrupt_chunk_names_it(tmp_path, command):
+    from click.testing import CliRunner
+
+    from sae.network import Network
+    from service.cli import main
+    from worker.train import save_model
+
+    path, _ = _small_dataset(tmp_path)
+    (tmp_path / "d" / "X" / "c" / "1" / "0").write_bytes(b"not a chunk")
+    net = Network.autoencoder(6, 3)
+    save_model(tmp_path / "model.npz", net, net.init_theta(0))
+    out = tmp_path / "out.npy"
+    r = CliRunner().invoke(main, [command, str(tmp_path / "model.npz"), path, str(out), "-q"])
+    assert r.exit_code == 1, r.output
+    assert "chunk 1 of" in r.output and "Traceback" not in r.output
+    assert not out.exists() and not [p for p in tmp_path.iterdir() if p.name.startswith(".out")]
+
+
+def test_datasets_info_on_a_group_whose_x_is_a_group(tmp_path):
+    import zarr
+    from click.testing import CliRunner
+
+    from service.cli import main
+    from worker.dataset import DatasetError, open_dataset
+
+    g = zarr.open_group(str(tmp_path / "g"), mode="w")
+    g.create_group("X")
+    g.attrs.update({"sae_dataset": 1, "complete": True})
+    with pytest.raises(DatasetError, match="X is not an array"):
+        open_dataset(tmp_path / "g")
+    r = CliRunner().invoke(main, ["datasets", "info", str(tmp_path / "g")])
+    assert r.exit_code == 1 and "not an array" in r.output, r.output

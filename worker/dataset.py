@@ -353,6 +353,8 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
         X = group[ARRAY_NAME]
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise DatasetError(f"dataset: {spath} is not an sae dataset ({exc})") from None
+    if not isinstance(X, zarr.Array):
+        raise DatasetError(f"dataset: {spath} is not an sae dataset ({ARRAY_NAME} is not an array)")
     if attrs.get("sae_dataset") != FORMAT_VERSION:
         raise DatasetError(f"dataset: {spath} is not an sae dataset (no sae_dataset attribute)")
     if not attrs.get("complete"):
