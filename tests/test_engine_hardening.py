@@ -3,6 +3,7 @@ during an evaluation, stale metadata on remote stores, and friends."""
 
 from __future__ import annotations
 
+import json
 import weakref
 
 import numpy as np
@@ -277,7 +278,7 @@ def test_cli_train_dataset_and_resume_is_a_usage_error(tmp_path):
 
     path, _ = _small_dataset(tmp_path)
     (tmp_path / "job").mkdir()
-    (tmp_path / "job" / "job.json").write_text('{"spec": {"dataset": "%s"}}' % path)
+    (tmp_path / "job" / "job.json").write_text(json.dumps({"spec": {"dataset": path}}))
     r = CliRunner().invoke(main, ["train", path, "--resume", str(tmp_path / "job")])
     assert r.exit_code == 2 and "not both" in r.output, r.output
 
