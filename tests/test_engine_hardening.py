@@ -316,3 +316,48 @@ def test_datasets_info_on_a_group_whose_x_is_a_group(tmp_path):
         open_dataset(tmp_path / "g")
     r = CliRunner().invoke(main, ["datasets", "info", str(tmp_path / "g")])
     assert r.exit_code == 1 and "not an array" in r.output, r.output
+
+
+# --------------------------------------------------------------------------- fresh job race
+
+
+def test_local_stage_fresh_run_ignores_a_left_over_state(tmp_path):
+    """A fresh local-plan task starts from theta0 even if an older run left a state.npz
+    (it appeared after train() cleared the folder); a rerun of the same task (its start
+    marker exists) resumes."""
+    from sae.optimize import OptimizerState
+    from worker.train import OWNER, STARTED_PREFIX, run_local_stage
+
+    path, _ = _small_dataset(tmp_path, rows=90, chunk_rows=30)
+    net = Network.autoencoder(6, 3, lam=1e-4, rho=0.1, beta=3.0)
+    kw = dict(
+        passes="two",
+        dtype="float64",
+        optimizer="lbfgs",
+        options={},
+        max_iter=6,
+        sample_shape=None,
+        metadata={},
+    )
+
+    def run(out, theta0, owner, resume):
+        out.mkdir(exist_ok=True)
+        (out / OWNER).write_text(owner)
+        return run_local_stage(path, net, theta0, str(out), owner=owner, resume=resume, **kw)
+
+    ref = run(tmp_path / "ref", net.init_theta(1), "a", False)
+    # An older run (other initial parameters) left its checkpoint in the folder.
+    out = tmp_path / "job"
+    run(out, net.init_theta(2), "old", False)
+    old_state = OptimizerState.load(out / "state.npz")
+    assert not np.array_equal(old_state.theta, ref["theta"])
+    fresh = run(out, net.init_theta(1), "new", False)
+    assert np.array_equal(fresh["theta"], ref["theta"]) and fresh["iterations"] == 6
+    assert not list(out.glob(STARTED_PREFIX + "*"))  # removed when the task finishes
+    # A rerun: the marker of this owner exists, so it continues the checkpoint.
+    kw["max_iter"] = 8
+    (out / f"{STARTED_PREFIX}again").touch()
+    rerun = run(out, net.init_theta(2), "again", False)
+    assert rerun["iterations"] == 8
+    cont = run(tmp_path / "ref", net.init_theta(1), "a", True)  # resume as asked
+    assert np.array_equal(rerun["theta"], cont["theta"])

@@ -60,6 +60,8 @@ COST = "cost.png"
 JOB = "job.json"
 CANCEL = ".cancel"
 OWNER = ".owner"
+#: ``.started-<owner>``: created by a local-plan task when it starts (a rerun resumes).
+STARTED_PREFIX = ".started-"
 
 #: Datasets up to this size (decoded, in the compute dtype) train as one task ("local").
 LOCAL_PLAN_BYTES = 64 * 2**20
@@ -531,16 +533,26 @@ def run_local_stage(
     metadata: dict,
     refresh_seconds: float = REFRESH_SECONDS,
     owner: str | None = None,
+    resume: bool = True,
 ) -> dict:
     """The whole optimisation of one stage in this process (run as one Dask task).
 
-    Resumes from ``out_dir/state.npz`` when present (a rerun after a lost worker or a
-    resumed job); stops when ``out_dir/.cancel`` appears, or when ``out_dir/.owner`` no
-    longer holds ``owner`` (a newer run of the job took over, e.g. after a service
-    restart). Returns the StageResult as a dict (without the history).
+    Resumes from ``out_dir/state.npz`` when the caller asks (``resume``, a resumed job) or
+    when this is a rerun of the task (Dask reruns it after a lost worker): the first run
+    creates ``out_dir/.started-<owner>``, and a run finding it resumes. A fresh job thus
+    never continues from a state.npz left by an older run. Stops when ``out_dir/.cancel``
+    appears, or when ``out_dir/.owner`` no longer holds ``owner`` (a newer run of the job
+    took over, e.g. after a service restart). Returns the StageResult as a dict (without
+    the history).
     """
     cancel = Path(out_dir) / CANCEL
     owner_file = Path(out_dir) / OWNER
+    marker = Path(out_dir) / f"{STARTED_PREFIX}{owner or 'anonymous'}"
+    if marker.exists():
+        resume = True  # a rerun of this task: continue its own checkpoints
+    else:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(marker, lambda fh: fh.write(b""))
 
     def superseded() -> bool:
         if owner is None:
@@ -563,12 +575,14 @@ def run_local_stage(
         options=options,
         max_iter=max_iter,
         should_stop=stop,
-        resume=True,
+        resume=resume,
         sample_shape=sample_shape,
         metadata=metadata,
         refresh_seconds=refresh_seconds,
         write_cost=False,  # drawn by the client, off the critical path
     )
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
     d = asdict(res)
     d.pop("history")
     return d
@@ -881,6 +895,9 @@ def _train_local(
     # Warm matplotlib up here while the task trains, to draw cost.png at the end.
     threading.Thread(target=_warm_display, daemon=True).start()
     owner = uuid.uuid4().hex
+    for old in out.glob(STARTED_PREFIX + "*"):  # markers of earlier runs
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
     _atomic_write_bytes(out / OWNER, lambda fh: fh.write(owner.encode()))
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     kwargs: dict = {}
@@ -902,6 +919,7 @@ def _train_local(
         metadata=metadata,
         refresh_seconds=refresh_seconds,
         owner=owner,
+        resume=resume,
         key=f"train-{job_name}-{uuid.uuid4().hex[:8]}",
         pure=False,
         **kwargs,
