@@ -27,6 +27,15 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
   still run it, e.g. after a fault), so each evaluation reads from memory.
 - theta is inlined in the tasks when small, else embedded once in the graph (as is a frozen
   encoder), never sent once per task.
+
+Bitwise equality (across worker counts, plans, recomputations and :class:`LocalObjective`)
+assumes each chunk's sums are computed with single-threaded BLAS: a multi-threaded matrix
+product may split its sums differently and change the last bits. Dask workers started by
+:func:`worker.cluster.get_client` are pinned to one BLAS thread (``OMP_NUM_THREADS=1`` and
+friends, :func:`worker.cluster.worker_env`); a process running :class:`LocalObjective` or
+:func:`evaluate_chunks` itself (tests, the client) must set those variables before NumPy is
+imported to get the workers' bits. Workers of an external scheduler must be started the
+same way.
 """
 
 from __future__ import annotations
@@ -778,8 +787,9 @@ class LocalObjective:
     """The same chunk sums and the same reduction tree, computed in one process.
 
     Gives bitwise the results of :class:`DistributedObjective` with the same arguments (the
-    chunks are read once and kept in memory). Used to run a small job's whole optimisation
-    as one task next to its data.
+    chunks are read once and kept in memory), provided both run BLAS on one thread per task
+    (as :func:`worker.cluster.get_client` pins its workers; see the module docstring). Used
+    to run a small job's whole optimisation as one task next to its data.
     """
 
     def __init__(
