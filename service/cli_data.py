@@ -184,7 +184,7 @@ def register(main: click.Group) -> None:
     )
     @click.option(
         "--scale",
-        type=float,
+        type=click.FloatRange(min=0, min_open=True),
         default=1.0,
         show_default=True,
         help="Values = stored * scale (e.g. 0.00392156862745098 = 1/255 for pixels).",

@@ -41,7 +41,7 @@ def load(model: str | os.PathLike):
 
 def iter_blocks(dataset: str, dtype: str) -> tuple[int, int, Iterator[np.ndarray]]:
     """``(m, n, blocks)``: a Zarr dataset chunk by chunk, or a ``.npy`` file in row blocks."""
-    from worker.dataset import DatasetError, open_dataset, read_chunk
+    from worker.dataset import ChunkError, DatasetError, open_dataset, read_chunk
 
     if str(dataset).endswith(".npy"):
         try:
@@ -64,7 +64,10 @@ def iter_blocks(dataset: str, dtype: str) -> tuple[int, int, Iterator[np.ndarray
 
     def gen_zarr():
         for i in range(info.n_chunks):
-            yield read_chunk(dataset, i, dtype, info.scale)
+            try:
+                yield read_chunk(dataset, i, dtype, info.scale)
+            except ChunkError as exc:  # names the chunk
+                raise click.ClickException(f"DATASET: {exc}") from None
 
     return info.shape[0], info.shape[1], gen_zarr()
 

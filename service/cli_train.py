@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 from collections.abc import Callable
 from pathlib import Path
@@ -188,6 +189,8 @@ def train_cmd(
     """Train a sparse (or deep) autoencoder on DATASET."""
     from tqdm import tqdm
 
+    if resume_dir and dataset:
+        raise click.UsageError("give a DATASET or --resume DIR, not both")
     if resume_dir:
         job = Path(resume_dir) / "job.json"
         if not job.exists():
@@ -222,8 +225,8 @@ def train_cmd(
             plan=plan,
             echo=lambda s: tqdm.write(s),
         )
-    except (ValueError, RuntimeError, FloatingPointError) as exc:
-        close_bar()
+    except (ValueError, RuntimeError, FloatingPointError, OSError, TimeoutError) as exc:
+        close_bar()  # OSError: an unreachable --scheduler, or the job folder
         raise click.ClickException(str(exc)) from None
     close_bar()
     click.echo(
@@ -272,12 +275,19 @@ def gradcheck_cmd(
     else:
         net = build_network(spec, n)
     theta = net.init_theta(spec.seed)
-    with get_client(
-        scheduler=scheduler,
-        workers=workers,
-        threads_per_worker=threads_per_worker,
-        memory_limit=memory_limit,
-    ) as (client, _):
+    stack = contextlib.ExitStack()
+    try:
+        client, _ = stack.enter_context(
+            get_client(
+                scheduler=scheduler,
+                workers=workers,
+                threads_per_worker=threads_per_worker,
+                memory_limit=memory_limit,
+            )
+        )
+    except (OSError, TimeoutError) as exc:  # an unreachable --scheduler
+        raise click.ClickException(str(exc)) from None
+    with stack:
         click.echo(f"Dashboard: {client.dashboard_link}")
         f = DistributedObjective(
             client, dataset, net, passes=spec.passes, dtype=spec.dtype, job="gradcheck"

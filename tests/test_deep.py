@@ -533,3 +533,37 @@ def test_train_deep_without_pretraining(two_workers, digits_like, tmp_path):
     assert hist[-1]["cost"] < hist[0]["cost"]
     net, _, meta = load_model(res.model_path)
     assert net.sizes == (16, 8, 4, 8, 16) and meta["deep"]["pretrain"] == "none"
+
+
+def test_resume_reads_finished_stages_from_their_fsynced_state(two_workers, digits_like, tmp_path):
+    """model.npz of a finished stage is written without fsync: after a power loss it may be
+    stale or torn. Resume takes the parameters from state.npz (fsynced before done.json),
+    and names the files when neither can be read."""
+    from worker.deep import CheckpointError
+    from worker.train import load_model, save_model, train
+
+    path, _ = digits_like
+    spec = _deep_spec(path, max_iter=4, finetune_iter=3)
+    out = tmp_path / "job"
+    full = train(spec, out, client=two_workers)
+    assert full.status == "succeeded"
+    want = load_model(full.model_path)[1]
+    stage_dirs = [out / "stage-1", out / "stage-2", out / "finetune"]
+    for d in stage_dirs:  # stale model.npz (as if the last write was lost)
+        net, theta, meta = load_model(d / "model.npz")
+        save_model(d / "model.npz", net, np.zeros_like(theta), meta)
+    (out / "stage-1" / "model.npz").write_bytes(b"torn")
+    res = train(spec, out, client=two_workers, resume=True)
+    assert res.status == "succeeded"
+    np.testing.assert_array_equal(load_model(res.model_path)[1], want)
+    # Without a readable state, model.npz is the fallback ...
+    net, _, meta = load_model(out / "finetune" / "model.npz")
+    save_model(out / "finetune" / "model.npz", net, want + 1.0, meta)
+    (out / "finetune" / "state.npz").write_bytes(b"torn")
+    res = train(spec, out, client=two_workers, resume=True)
+    np.testing.assert_array_equal(load_model(res.model_path)[1], want + 1.0)
+    # ... and when neither is readable, the error names them.
+    (out / "stage-1" / "state.npz").write_bytes(b"torn")
+    with pytest.raises(CheckpointError, match="model.npz") as err:
+        train(spec, out, client=two_workers, resume=True)
+    assert "stage-1" in str(err.value) and "state.npz" in str(err.value)

@@ -544,3 +544,115 @@ def test_a_dataset_rewritten_in_place_is_read_with_its_new_shape(tmp_path):
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO)
     assert np.array_equal(read_chunk(path, 0), new[:3])
     assert np.array_equal(read_chunk(path, 2), new[6:])
+
+
+# ------------------------------------------------------------------------- hardening
+def _memory_leftovers(url: str) -> list[str]:
+    import fsspec
+
+    fs, p = fsspec.core.url_to_fs(url)
+    parent = p.rstrip("/").rpartition("/")[0]
+    return sorted(x for x in fs.ls(parent, detail=False) if x.rpartition("/")[2].startswith("."))
+
+
+def test_failed_remote_overwrite_keeps_the_old_dataset(tmp_path):
+    """--overwrite onto a remote URL that fails midway: the old dataset is intact and the
+    scratch copy is gone."""
+    from worker.dataset import write_dataset
+
+    url = f"memory://ow-{tmp_path.name}/d"
+    old = np.random.default_rng(1).random((30, 4))
+    write_dataset(url, old, *old.shape, dtype="float64", chunk_rows=10)
+    bad = np.ones((500, 4))
+    bad[333, 2] = np.nan
+    np.save(tmp_path / "bad.npy", bad)
+    with pytest.raises(ValueError, match="row 333"):
+        ingest_npy(tmp_path / "bad.npy", url, chunk_rows=50, overwrite=True)
+    assert open_dataset(url).shape == (30, 4)
+    np.testing.assert_array_equal(read_all(url), old)
+
+    def blocks():
+        yield np.zeros((10, 4))
+        raise RuntimeError("source went away")
+
+    with pytest.raises(RuntimeError, match="went away"):
+        write_dataset(url, blocks(), 40, 4, dtype="float64", chunk_rows=10, overwrite=True)
+    np.testing.assert_array_equal(read_all(url), old)
+    assert _memory_leftovers(url) == []
+    # A successful overwrite replaces it, leaving nothing beside it.
+    new = np.full((12, 4), 3.0)
+    np.save(tmp_path / "new.npy", new)
+    ingest_npy(tmp_path / "new.npy", url, chunk_rows=5, overwrite=True)
+    np.testing.assert_array_equal(read_all(url), new)
+    assert _memory_leftovers(url) == []
+    with pytest.raises(DatasetError, match="exists"):
+        write_dataset(url, new, *new.shape)
+
+
+@pytest.mark.parametrize("scale", [0.0, -1.0, float("nan"), float("inf")])
+def test_scale_must_be_finite_and_positive(tmp_path, scale):
+    from worker.dataset import write_dataset
+
+    x = np.ones((4, 2))
+    with pytest.raises(DatasetError, match="scale"):
+        write_dataset(tmp_path / "d", x, *x.shape, scale=scale)
+    assert not (tmp_path / "d").exists()
+    write_dataset(tmp_path / "ok", x, *x.shape)
+    zarr.open_group(str(tmp_path / "ok"), mode="r+").attrs["scale"] = scale
+    with pytest.raises(DatasetError, match="scale"):
+        open_dataset(tmp_path / "ok")
+
+
+def test_cli_scale_range(tmp_path):
+    np.save(tmp_path / "a.npy", np.ones((4, 2)))
+    for bad in ("0", "-2"):
+        r = CliRunner().invoke(
+            main, ["ingest", "npy", str(tmp_path / "a.npy"), str(tmp_path / "d"), "--scale", bad]
+        )
+        assert r.exit_code == 2 and "scale" in r.output, r.output
+    r = CliRunner().invoke(
+        main, ["ingest", "npy", str(tmp_path / "a.npy"), str(tmp_path / "d"), "--scale", "inf"]
+    )
+    assert r.exit_code != 0 and "scale" in r.output and "Traceback" not in r.output
+    assert not (tmp_path / "d").exists()
+
+
+def test_read_chunk_refuses_overflow_of_any_stored_dtype(tmp_path):
+    from worker.dataset import ChunkError, read_chunk, write_dataset
+
+    x = np.full((6, 2), 255, dtype=np.uint8)
+    write_dataset(tmp_path / "d", x, *x.shape, dtype="uint8", chunk_rows=3, scale=1e307)
+    with pytest.raises(ChunkError, match="chunk 0"):
+        read_chunk(tmp_path / "d", 0)
+
+
+def test_image_patches_keep_pixels_as_uint8(tmp_path, monkeypatch):
+    """Images stay uint8 in memory while patches are drawn (8x less than float64), and the
+    patches are bitwise those of float64 images / 255."""
+    import sae.preprocess as preprocess
+
+    real = preprocess.sample_patches
+    seen = []
+
+    def recording(images, *args, **kwargs):
+        seen.extend(np.asarray(a).dtype for a in images)
+        return real(images, *args, **kwargs)
+
+    monkeypatch.setattr(preprocess, "sample_patches", recording)
+    arrays = write_pngs(tmp_path / "pics", 3, size=(40, 30), seed=5)
+    assert {int(v) for a in arrays for v in np.unique(a)} >= {0, 255}
+    for gray in (True, False):
+        seen.clear()
+        dest = tmp_path / f"d{gray}"
+        ingest_images(tmp_path / "pics", dest, patch_size=6, n_patches=300, seed=4, gray=gray)
+        assert seen and all(dt == np.uint8 for dt in seen)
+        images = [_image(tmp_path / "pics", i, gray) / 255.0 for i in range(3)]
+        np.testing.assert_array_equal(read_all(dest), real(images, 6, 300, 4))
+
+
+def _image(folder: Path, i: int, gray: bool) -> np.ndarray:
+    from PIL import Image
+
+    path = sorted(folder.iterdir())[i]
+    with Image.open(path) as im:
+        return np.asarray(im.convert("L" if gray else "RGB"))

@@ -14,6 +14,12 @@ from collections.abc import Iterator
 
 #: Environment of worker processes: BLAS uses exactly the threads Dask gives it per task.
 BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
+#: Seconds to wait for a running scheduler (an address that does not answer fails then).
+CONNECT_TIMEOUT = 10.0
+
+
+class SchedulerUnreachable(ConnectionError):
+    """No scheduler answered at the given address; the message names it."""
 
 
 def worker_env(blas_threads: int = 1) -> dict[str, str]:
@@ -29,6 +35,7 @@ def get_client(
     memory_limit: str | int | None = "auto",
     dashboard: bool = True,
     quiet: bool = True,
+    connect_timeout: float | None = None,
 ) -> Iterator[tuple[object, object | None]]:
     """A Dask client on an embedded LocalCluster or on an existing scheduler.
 
@@ -47,17 +54,30 @@ def get_client(
         Kept for callers; an embedded cluster always serves its dashboard on a free port.
     quiet : bool
         Silence the cluster's informational logging.
+    connect_timeout : float, optional
+        Seconds to wait for ``scheduler`` (default :data:`CONNECT_TIMEOUT`).
 
     Yields
     ------
     (client, cluster)
         ``cluster`` is the LocalCluster, or None when connected to ``scheduler``. The
         dashboard URL is ``client.dashboard_link``.
+
+    Raises
+    ------
+    SchedulerUnreachable
+        If no scheduler answers at ``scheduler`` within ``connect_timeout`` seconds.
     """
     from distributed import Client, LocalCluster
 
     if scheduler:
-        client = Client(scheduler)
+        timeout = CONNECT_TIMEOUT if connect_timeout is None else connect_timeout
+        try:
+            client = Client(scheduler, timeout=timeout)
+        except (OSError, TimeoutError) as exc:
+            raise SchedulerUnreachable(
+                f"scheduler: cannot connect to {scheduler} within {timeout:g} s ({exc})"
+            ) from None
         try:
             yield client, None
         finally:

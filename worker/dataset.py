@@ -13,16 +13,21 @@ Group attributes::
     sample_shape  shape of one example for pictures, e.g. [28, 28] or [8, 8] or [8, 8, 3]
     preprocessing dict describing what was applied (normalisation, whitening parameters, ...)
     source        free text: where the data came from
+    write_id      a random id of this write (identifies the version on remote stores, whose
+                  metadata has no inode/mtime to tell a rewrite from the original)
 
-Writing is atomic: a local dataset is written into a hidden sibling folder and renamed into
-place; every dataset is marked ``complete`` only after its last chunk, and readers refuse one
-that is not. Chunks are read by the tasks themselves with :func:`read_chunk`, which refuses a
-missing chunk (never reading it as the fill value), names the chunk of an unreadable one, and
-refuses non-finite values.
+Writing is atomic: a dataset is written into a hidden sibling (folder or URL) and moved into
+place only once complete (renamed locally; moved with fsspec on remote stores, after the
+old version was moved aside), so a failed rewrite leaves the old dataset intact; every
+dataset is marked ``complete`` only after its last chunk, and readers refuse one that is
+not. Chunks are read by the tasks themselves with :func:`read_chunk`, which refuses a missing
+chunk (never reading it as the fill value), names the chunk of an unreadable one, and refuses
+non-finite values.
 """
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import math
 import os
@@ -127,6 +132,8 @@ def write_dataset(
     preprocessing: dict[str, Any] | None = None,
     source: str = "",
     overwrite: bool = False,
+    *,
+    in_place: bool = False,
 ) -> DatasetInfo:
     """Write a dataset atomically from an array or from row blocks of any size.
 
@@ -149,11 +156,21 @@ def write_dataset(
     source : str
     overwrite : bool
         Replace an existing dataset at ``path``.
+    in_place : bool
+        Write directly at ``path`` (a scratch location of the caller, which moves it into
+        place itself with :func:`move_into_place`), not through a hidden sibling.
 
     Returns
     -------
     info : DatasetInfo
+
+    Raises
+    ------
+    DatasetError
+        For a bad dtype, shape, sample_shape or scale (not finite and > 0), an existing
+        ``path`` without ``overwrite``, or blocks that do not match ``n_rows``/``n_features``.
     """
+    check_scale(scale)
     if dtype not in STORED_DTYPES:
         raise DatasetError(f"dtype: choose one of {list(STORED_DTYPES)}, got {dtype!r}")
     if n_rows < 1 or n_features < 1:
@@ -166,15 +183,12 @@ def write_dataset(
     if isinstance(blocks, np.ndarray):
         arr = blocks
         blocks = (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
-    local = _is_local(path)
-    final = _local(path) if local else None
-    if local:
-        if final.exists() and not overwrite:
-            raise DatasetError(f"path: {final} exists (pass overwrite=True to replace it)")
-        final.parent.mkdir(parents=True, exist_ok=True)
-        target: str = str(final.parent / f".{final.name}.tmp-{uuid.uuid4().hex[:8]}")
-    else:
+    if in_place:
         target = str(path)
+    else:
+        if _exists(path) and not overwrite:
+            raise DatasetError(f"path: {path} exists (pass overwrite=True to replace it)")
+        target = scratch_path(path, "tmp")
     try:
         group = zarr.open_group(target, mode="w")
         X = group.create_array(
@@ -192,6 +206,7 @@ def write_dataset(
                 "sample_shape": list(sample_shape) if sample_shape is not None else None,
                 "preprocessing": preprocessing or {},
                 "source": source,
+                "write_id": uuid.uuid4().hex,
             }
         )
         written = 0
@@ -218,20 +233,107 @@ def write_dataset(
         if written != n_rows:
             raise DatasetError(f"blocks: expected {n_rows} rows, got {written}")
         group.attrs["complete"] = True
+        if not in_place:
+            move_into_place(target, path, overwrite)
     except BaseException:
-        if local:
-            shutil.rmtree(target, ignore_errors=True)
+        if not in_place:
+            remove_path(target)
         raise
-    if local:
+    finally:
+        _open_array.cache_clear()
+    return open_dataset(path)
+
+
+def check_scale(scale: float) -> float:
+    """``scale`` as a float, refused (DatasetError naming it) unless finite and > 0."""
+    try:
+        value = float(scale)
+    except (TypeError, ValueError):
+        raise DatasetError(f"scale: must be a finite number > 0, got {scale!r}") from None
+    if not (math.isfinite(value) and value > 0):
+        raise DatasetError(f"scale: must be a finite number > 0, got {scale!r}")
+    return value
+
+
+def _fs(path: str | os.PathLike):
+    import fsspec
+
+    return fsspec.core.url_to_fs(str(path).rstrip("/"))
+
+
+def _exists(path: str | os.PathLike) -> bool:
+    """Whether anything is at ``path`` (local folder or URL)."""
+    if _is_local(path):
+        return _local(path).exists()
+    fs, p = _fs(path)
+    return bool(fs.exists(p))
+
+
+def scratch_path(dest: str | os.PathLike, tag: str) -> str:
+    """A hidden sibling of ``dest`` (same filesystem or bucket) for a write in progress."""
+    hexid = uuid.uuid4().hex[:8]
+    if _is_local(dest):
+        final = _local(dest)
+        final.parent.mkdir(parents=True, exist_ok=True)
+        return str(final.parent / f".{final.name}.{tag}-{hexid}")
+    url = str(dest).rstrip("/")
+    head, _, name = url.rpartition("/")
+    return f"{head}/.{name}.{tag}-{hexid}"
+
+
+def remove_path(path: str | os.PathLike) -> None:
+    """Remove whatever is at ``path`` (local folder or URL), quietly."""
+    if _is_local(path):
+        shutil.rmtree(_local(path), ignore_errors=True)
+        return
+    try:
+        fs, p = _fs(path)
+        if fs.exists(p):
+            fs.rm(p, recursive=True)
+    except Exception:  # noqa: BLE001 - best effort cleanup
+        pass
+
+
+def move_into_place(tmp: str | os.PathLike, dest: str | os.PathLike, overwrite: bool) -> None:
+    """Move a finished dataset at ``tmp`` to ``dest``, replacing an old one if allowed.
+
+    The old version is first moved aside and removed only after the new one is in place
+    (renames locally; fsspec ``mv`` on remote stores). If the move fails, the old version
+    is put back and ``tmp`` is left for the caller to remove.
+    """
+    if _exists(dest) and not overwrite:
+        raise DatasetError(f"dest: {dest} exists (pass overwrite=True to replace it)")
+    if _is_local(dest):
+        final = _local(dest)
         if final.exists():
             trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
             os.replace(final, trash)
-            os.replace(target, final)
+            try:
+                os.replace(_local(tmp), final)
+            except BaseException:
+                os.replace(trash, final)
+                raise
             shutil.rmtree(trash, ignore_errors=True)
         else:
-            os.replace(target, final)
-    _open_array.cache_clear()
-    return open_dataset(path)
+            os.replace(_local(tmp), final)
+        return
+    fs, d = _fs(dest)
+    _, t = _fs(tmp)
+    trash = None
+    if fs.exists(d):
+        trash = scratch_path(dest, "old")
+        fs.mv(d, _fs(trash)[1], recursive=True)
+    try:
+        fs.mv(t, d, recursive=True)
+    except BaseException:
+        if trash is not None:
+            with contextlib.suppress(Exception):
+                if fs.exists(d):
+                    fs.rm(d, recursive=True)
+                fs.mv(_fs(trash)[1], d, recursive=True)
+        raise
+    if trash is not None:
+        remove_path(trash)
 
 
 def open_dataset(path: str | os.PathLike) -> DatasetInfo:
@@ -251,33 +353,50 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
         X = group[ARRAY_NAME]
     except (FileNotFoundError, KeyError, ValueError, TypeError) as exc:
         raise DatasetError(f"dataset: {spath} is not an sae dataset ({exc})") from None
+    if not isinstance(X, zarr.Array):
+        raise DatasetError(f"dataset: {spath} is not an sae dataset ({ARRAY_NAME} is not an array)")
     if attrs.get("sae_dataset") != FORMAT_VERSION:
         raise DatasetError(f"dataset: {spath} is not an sae dataset (no sae_dataset attribute)")
     if not attrs.get("complete"):
         raise DatasetError(f"dataset: {spath} is incomplete (its writing did not finish)")
     if X.ndim != 2 or X.chunks[1] != X.shape[1]:
         raise DatasetError(f"dataset: {spath} must be 2-D and chunked by rows only")
+    try:
+        scale = check_scale(attrs.get("scale", 1.0))
+    except DatasetError as exc:
+        raise DatasetError(f"dataset: {spath}: {exc}") from None
     ss = attrs.get("sample_shape")
     return DatasetInfo(
         path=spath,
         shape=(int(X.shape[0]), int(X.shape[1])),
         dtype=str(X.dtype),
         chunk_rows=int(X.chunks[0]),
-        scale=float(attrs.get("scale", 1.0)),
+        scale=scale,
         sample_shape=tuple(ss) if ss else None,
         preprocessing=attrs.get("preprocessing") or {},
         source=attrs.get("source", ""),
     )
 
 
-def _metadata_token(path: str) -> tuple[int, int] | None:
-    """Identity of a local dataset's array metadata (inode, mtime); None for remote stores.
+def write_id(path: str | os.PathLike) -> str | None:
+    """The ``write_id`` attribute of the dataset at ``path`` (None if absent or unreadable)."""
+    try:
+        wid = zarr.open_group(str(path), mode="r").attrs.get("write_id")
+    except Exception:  # noqa: BLE001 - no id: callers do not reuse cached state
+        return None
+    return str(wid) if wid else None
 
-    A dataset rewritten in place (atomically renamed over the old one) gets a new token, so a
-    long-lived worker never reads it with the old shape or chunking.
+
+def _metadata_token(path: str) -> tuple | None:
+    """Identity of a dataset's current version: (inode, mtime) of a local dataset's array
+    metadata, the ``write_id`` of a remote one (None when unknown).
+
+    A rewritten dataset gets a new token, so a long-lived worker never reads it with the
+    old shape or chunking.
     """
     if not _is_local(path):
-        return None
+        wid = write_id(path)
+        return ("write_id", wid) if wid else ("uncached", uuid.uuid4().hex)
     try:
         st = os.stat(_local(path) / ARRAY_NAME / "zarr.json")
     except OSError:
@@ -286,7 +405,7 @@ def _metadata_token(path: str) -> tuple[int, int] | None:
 
 
 @functools.lru_cache(maxsize=32)
-def _open_array_cached(path: str, token: tuple[int, int] | None) -> zarr.Array:
+def _open_array_cached(path: str, token: tuple | None) -> zarr.Array:
     return zarr.open_group(path, mode="r")[ARRAY_NAME]
 
 
@@ -348,13 +467,26 @@ def read_chunk(
         scale = float(zarr.open_group(spath, mode="r").attrs.get("scale", 1.0))
     out = raw.astype(dtype, copy=False)
     if scale != 1.0:
+        return _finite_chunk(_scaled(out, scale, dtype), i, rows, spath)
+    return _finite_chunk(out, i, rows, spath)
+
+
+def _scaled(out: np.ndarray, scale: float, dtype: str) -> np.ndarray:
+    """``out * scale`` (overflow shows as inf, refused by :func:`_finite_chunk`)."""
+    with np.errstate(over="ignore"):
         inv = 1.0 / scale
         if abs(inv - round(inv)) < 1e-9 * inv:
             # pixels stored with scale 1/255 read back exactly as x / 255, as the notes scale them
             out = out / np.asarray(round(inv), dtype=dtype)
         else:
             out = out * np.asarray(scale, dtype=dtype)
-    if raw.dtype.kind == "f" and not np.all(np.isfinite(out)):
+    return out
+
+
+def _finite_chunk(out: np.ndarray, i: int, rows: int, spath: str) -> np.ndarray:
+    """``out``, refused (naming the chunk) if it holds NaN or inf, whatever the stored dtype
+    (a stored NaN, or values times the scale overflowing the compute dtype)."""
+    if not np.all(np.isfinite(out)):
         bad = int(np.argwhere(~np.isfinite(out))[0][0]) + i * rows
         raise ChunkError(f"chunk {i} of {spath}: holds NaN or inf (first at row {bad})")
     return out

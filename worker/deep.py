@@ -246,7 +246,7 @@ def train_deep(
         done = sdir / DONE
         if resume and done.exists():
             summary = json.loads(done.read_text())
-            _, theta, _ = load_model(sdir / MODEL)
+            theta = finished_theta(sdir, net)
             hist = read_history(sdir / HISTORY)
             done_history.extend(hist)
             _add(totals, summary)
@@ -357,6 +357,47 @@ def train_deep(
     if status != "succeeded":
         return finish(status, summary)
     return finish(status, summary, net, theta)
+
+
+class CheckpointError(RuntimeError):
+    """A finished stage's parameters cannot be read back on resume (the message names the
+    files)."""
+
+
+def finished_theta(sdir: Path, net: Network) -> np.ndarray:
+    """The parameters of a finished stage, for resume.
+
+    Read from the stage's ``state.npz`` (fsynced by ``OptimizerState.save`` before
+    ``done.json`` is written, and holding the final theta), else from its ``model.npz``
+    (written without fsync: after a power loss it may be stale or torn).
+
+    Raises
+    ------
+    CheckpointError
+        If neither file holds ``net.n_params`` readable parameters.
+    """
+    from sae.optimize import OptimizerState
+
+    reasons = []
+    try:
+        theta = np.asarray(OptimizerState.load(sdir / STATE).theta, dtype=np.float64)
+        if theta.shape == (net.n_params,):
+            return theta
+        reasons.append(f"{STATE} holds {theta.shape[0]} parameters, not {net.n_params}")
+    except Exception as exc:  # noqa: BLE001 - any unreadable state: try model.npz
+        reasons.append(f"{STATE}: {type(exc).__name__}: {exc}")
+    try:
+        _, theta, _ = load_model(sdir / MODEL)
+        theta = np.asarray(theta, dtype=np.float64)
+        if theta.shape == (net.n_params,):
+            return theta
+        reasons.append(f"{MODEL} holds {theta.shape[0]} parameters, not {net.n_params}")
+    except Exception as exc:  # noqa: BLE001 - reported below with the file's name
+        reasons.append(f"{MODEL}: {type(exc).__name__}: {exc}")
+    raise CheckpointError(
+        f"resume: the finished stage in {sdir} cannot be read back ({'; '.join(reasons)}); "
+        f"remove {sdir / DONE} to train that stage again, or start without resume"
+    )
 
 
 def _add(totals: dict, summary: dict) -> None:

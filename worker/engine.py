@@ -27,10 +27,20 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
   still run it, e.g. after a fault), so each evaluation reads from memory.
 - theta is inlined in the tasks when small, else embedded once in the graph (as is a frozen
   encoder), never sent once per task.
+
+Bitwise equality (across worker counts, plans, recomputations and :class:`LocalObjective`)
+assumes each chunk's sums are computed with single-threaded BLAS: a multi-threaded matrix
+product may split its sums differently and change the last bits. Dask workers started by
+:func:`worker.cluster.get_client` are pinned to one BLAS thread (``OMP_NUM_THREADS=1`` and
+friends, :func:`worker.cluster.worker_env`); a process running :class:`LocalObjective` or
+:func:`evaluate_chunks` itself (tests, the client) must set those variables before NumPy is
+imported to get the workers' bits. Workers of an external scheduler must be started the
+same way.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
@@ -47,7 +57,7 @@ import numpy as np
 
 from sae import objective as obj
 from sae.network import Network
-from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk
+from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk, write_id
 
 Passes = Literal["two", "fused"]
 Target = Literal["inputs", "raw"]
@@ -62,6 +72,8 @@ INLINE_THETA_BYTES = 2**20
 #: below the worker's pause threshold (80% of the limit).
 CACHE_FRACTION = 0.6
 CACHE_RESERVED_BYTES = 256 * 2**20
+#: An evaluation waiting for its result checks ``should_stop`` this often (seconds).
+POLL_SECONDS = 0.2
 
 
 class Cancelled(Exception):
@@ -240,28 +252,31 @@ def evaluate_chunks(
     dtype: str,
     m: int,
     fan_in: int = DEFAULT_FAN_IN,
+    n_chunks: int | None = None,
 ) -> tuple[float, np.ndarray]:
     """The objective from an iterable of ``(X, Y)`` chunk pairs, in one process, with the
     same chunk sums and the same fixed-shape tree as the distributed graph (same bits).
 
-    ``chunks`` is called twice (a callable returning an iterable) for two passes.
+    ``chunks`` is called twice (a callable returning an iterable) for two passes. With
+    ``n_chunks`` given, the sums are reduced while they stream (:func:`streaming_tree_sum`):
+    at most O(fan_in x depth) chunk sums are alive at once, not one per chunk.
     """
+
+    def reduce(parts) -> obj.Sums:
+        if n_chunks is None:
+            return sequential_tree_sum(list(parts), fan_in)
+        return streaming_tree_sum(parts, n_chunks, fan_in)
+
     if passes == "fused":
-        total = sequential_tree_sum(
-            [obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
-        )
+        total = reduce(obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks())
         return obj.finalize(net, theta, total)
     if net.sparse_layers:
-        s1 = sequential_tree_sum(
-            [obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks()], fan_in
-        )
+        s1 = reduce(obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks())
         rh = obj.rho_hat(net, s1)
     else:
         s1 = {"count": np.float64(m)}
         rh = {}
-    s2 = sequential_tree_sum(
-        [obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks()], fan_in
-    )
+    s2 = reduce(obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks())
     return obj.finalize(net, theta, obj.merge_sums(s1, s2))
 
 
@@ -280,7 +295,7 @@ def _whole(
     def chunks():
         return (_stage_data(src, i, encoder) for i in range(n))
 
-    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in)
+    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in, n_chunks=n)
 
 
 # --------------------------------------------------------------------------- the tree
@@ -342,6 +357,57 @@ def sequential_tree_sum(parts: Sequence[obj.Sums], fan_in: int = DEFAULT_FAN_IN)
     return _sum(*level)
 
 
+def streaming_tree_sum(parts, n: int, fan_in: int = DEFAULT_FAN_IN) -> obj.Sums:
+    """:func:`sequential_tree_sum` over an iterable of ``n`` sums, reduced while streaming.
+
+    Each node of the fixed-shape tree is added as soon as its last input arrives, so at
+    most ``fan_in`` sums per level (O(fan_in x depth)) are alive at once, whatever ``n``;
+    the additions are the same, in the same order (bitwise the same total).
+
+    Parameters
+    ----------
+    parts : iterable of Sums
+        The leaves, in chunk order (a generator is consumed one item at a time).
+    n : int
+        Number of leaves (the shape of the tree depends on it).
+    fan_in : int
+
+    Raises
+    ------
+    ValueError
+        If ``parts`` does not yield exactly ``n`` items.
+    """
+    levels = tree_levels(n, fan_in)
+    depth = len(levels)
+    bufs: list[list[obj.Sums]] = [[] for _ in range(depth + 1)]
+    pos = [0] * depth  # index of the group being filled at each level
+
+    def push(item: obj.Sums) -> None:
+        d = 0
+        while d < depth:
+            a, b = levels[d][pos[d]]
+            bufs[d].append(item)
+            if len(bufs[d]) < b - a:
+                return
+            grp, bufs[d] = bufs[d], []
+            pos[d] += 1
+            item = grp[0] if len(grp) == 1 else _sum(*grp)
+            del grp
+            d += 1
+        bufs[depth].append(item)
+
+    count = 0
+    for p in parts:
+        count += 1
+        if count > n:
+            raise ValueError(f"parts: expected {n} sums, got more")
+        push(p)
+        del p
+    if count != n:
+        raise ValueError(f"parts: expected {n} sums, got {count}")
+    return _sum(*bufs[depth])
+
+
 # --------------------------------------------------------------------------- helpers
 
 
@@ -355,7 +421,10 @@ def dataset_token(path: str) -> str:
             return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
         except OSError:
             return uuid.uuid4().hex
-    try:  # remote stores: the group metadata's content
+    wid = write_id(p)
+    if wid:  # remote stores: the id of the write (unique per write_dataset)
+        return f"w-{wid}"
+    try:  # a dataset written before write_id: the group metadata's content
         import fsspec
 
         with fsspec.open(p.rstrip("/") + "/zarr.json", "rb") as fh:
@@ -417,8 +486,9 @@ class DistributedObjective:
     fan_in : int
         Fan-in of the reduction tree (2..8).
     should_stop : callable, optional
-        Checked before each evaluation; when it returns True the call raises
-        :class:`Cancelled`.
+        Checked before each evaluation and every :data:`POLL_SECONDS` while one runs (or
+        waits for busy or absent workers); when it returns True the call cancels the
+        evaluation's tasks and raises :class:`Cancelled`.
     single_task : bool, optional
         Evaluate everything in one task (``whole-<job>``): no per-chunk scheduling, the same
         bits. Default: for one chunk or up to :data:`SINGLE_TASK_BYTES` of data.
@@ -664,7 +734,7 @@ class DistributedObjective:
         Raises
         ------
         Cancelled
-            If ``should_stop()`` is true before the evaluation.
+            If ``should_stop()`` is true before or during the evaluation.
         worker.dataset.ChunkError
             If a chunk is missing, unreadable or non-finite (the message names it).
         """
@@ -676,13 +746,33 @@ class DistributedObjective:
         t0 = time.perf_counter()
         self._refresh_workers()
         hlg, key = self.graph(theta)
-        J, grad = self.client.get(hlg, key)
+        J, grad = self._wait(self.client.get(hlg, key, sync=False))
         dt = time.perf_counter() - t0
         self.stats.n_evals += 1
         self.stats.seconds += dt
         self.stats.last_seconds = dt
         self.stats.times.append(dt)
         return float(J), grad
+
+    def _wait(self, future):
+        """The result of an evaluation's future, checking ``should_stop`` every
+        :data:`POLL_SECONDS` (an evaluation may wait long for busy or absent workers)."""
+        from distributed import wait
+
+        try:
+            while True:
+                try:
+                    wait([future], timeout=POLL_SECONDS)
+                    break
+                except TimeoutError:
+                    if self.should_stop is not None and self.should_stop():
+                        raise Cancelled("stopped during an evaluation") from None
+            return future.result()
+        finally:
+            if not future.done():
+                with contextlib.suppress(Exception):
+                    self.client.cancel(future)
+            future.release()
 
     @property
     def n_evals(self) -> int:
@@ -697,8 +787,9 @@ class LocalObjective:
     """The same chunk sums and the same reduction tree, computed in one process.
 
     Gives bitwise the results of :class:`DistributedObjective` with the same arguments (the
-    chunks are read once and kept in memory). Used to run a small job's whole optimisation
-    as one task next to its data.
+    chunks are read once and kept in memory), provided both run BLAS on one thread per task
+    (as :func:`worker.cluster.get_client` pins its workers; see the module docstring). Used
+    to run a small job's whole optimisation as one task next to its data.
     """
 
     def __init__(
@@ -743,6 +834,7 @@ class LocalObjective:
             self.dtype,
             self.info.shape[0],
             self.fan_in,
+            n_chunks=len(self.chunks),
         )
         d = time.perf_counter() - t0
         self.stats.n_evals += 1
@@ -767,5 +859,6 @@ __all__ = [
     "clear_cache",
     "dataset_token",
     "sequential_tree_sum",
+    "streaming_tree_sum",
     "tree_sum",
 ]

@@ -32,8 +32,6 @@ from __future__ import annotations
 
 import math
 import os
-import shutil
-import uuid
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
@@ -49,8 +47,11 @@ from worker.dataset import (
     _local,
     _open_array,
     default_chunk_rows,
+    move_into_place,
     open_dataset,
     read_chunk,
+    remove_path,
+    scratch_path,
     write_dataset,
 )
 
@@ -93,45 +94,8 @@ def _check_dest(dest: str | os.PathLike, overwrite: bool) -> None:
         raise DatasetError(_exists_message(dest))
 
 
-def _scratch(dest: str | os.PathLike, tag: str) -> str:
-    """A hidden sibling of ``dest`` for intermediate writes (same filesystem: rename is atomic)."""
-    hexid = uuid.uuid4().hex[:8]
-    if _is_local(dest):
-        final = _local(dest)
-        final.parent.mkdir(parents=True, exist_ok=True)
-        return str(final.parent / f".{final.name}.{tag}-{hexid}")
-    url = str(dest).rstrip("/")
-    head, _, name = url.rpartition("/")
-    return f"{head}/.{name}.{tag}-{hexid}"
-
-
-def _remove(path: str | os.PathLike) -> None:
-    """Remove whatever is at ``path``, quietly."""
-    if _is_local(path):
-        shutil.rmtree(_local(path), ignore_errors=True)
-        return
-    try:
-        import fsspec
-
-        fs, p = fsspec.core.url_to_fs(str(path))
-        if fs.exists(p):
-            fs.rm(p, recursive=True)
-    except Exception:  # noqa: BLE001 - best effort cleanup after a failure
-        pass
-
-
-def _replace(tmp: str, dest: str | os.PathLike, overwrite: bool) -> None:
-    """Rename a finished local dataset into place (replacing the old one if allowed)."""
-    final = _local(dest)
-    if final.exists():
-        if not overwrite:
-            raise DatasetError(_exists_message(dest))
-        trash = final.parent / f".{final.name}.old-{uuid.uuid4().hex[:8]}"
-        os.replace(final, trash)
-        os.replace(tmp, final)
-        shutil.rmtree(trash, ignore_errors=True)
-    else:
-        os.replace(tmp, final)
+_scratch = scratch_path
+_remove = remove_path
 
 
 # ---------------------------------------------------------------------------------------------
@@ -199,10 +163,8 @@ def _write(
     if isinstance(blocks, np.ndarray):
         arr = blocks
         blocks = (arr[i : i + chunk_rows] for i in range(0, arr.shape[0], chunk_rows))
-    local = _is_local(dest)
-    target = _scratch(dest, "tmp") if local else str(dest)
-    if not local:
-        _check_dest(dest, overwrite)
+    _check_dest(dest, overwrite)
+    target = _scratch(dest, "tmp")  # moved into place only once complete (local or remote)
     bar = _progress_bar(progress, n_rows, f"writing {dest}")
     tracker = _RangeTracker(scale, what, bar.update)
     try:
@@ -218,7 +180,7 @@ def _write(
                 sample_shape=sample_shape,
                 preprocessing=preprocessing,
                 source=source,
-                overwrite=not local,
+                in_place=True,
             )
         group = zarr.open_group(target, mode="r+")
         pre = dict(group.attrs.get("preprocessing") or {})
@@ -226,8 +188,7 @@ def _write(
         if extra is not None:
             extra(group)
         group.attrs["preprocessing"] = pre
-        if local:
-            _replace(target, dest, overwrite)
+        move_into_place(target, dest, overwrite)
     except BaseException:
         _remove(target)
         raise
@@ -850,8 +811,12 @@ def ingest_images(
             )
 
     else:
-        images = [_read_image(p, gray).astype(np.float64) / 255.0 for p in files]
-        n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, str(folder))
+        # uint8 in memory (8x less than float64); sampled patches are divided by 255, which
+        # gives the bits of sampling images / 255.0 (the same division of the same pixel).
+        images = [_read_image(p, gray) for p in files]
+        n_feat, patch_blocks = _patches(
+            images, patch_size, n_patches, seed, str(folder), divisor=255.0
+        )
         p = int(patch_size)
         sample_shape = (p, p) if gray else (p, p, 3)
 
@@ -893,12 +858,18 @@ PATCH_BLOCK = 65536
 
 
 def _patches(
-    images: list[np.ndarray], patch_size: int, n_patches: int, seed: int, what: str
+    images: list[np.ndarray],
+    patch_size: int,
+    n_patches: int,
+    seed: int,
+    what: str,
+    divisor: float | None = None,
 ) -> tuple[int, Callable[[], Iterator[np.ndarray]]]:
     """Random patches in blocks of at most :data:`PATCH_BLOCK`, so memory stays bounded.
 
     Up to ``PATCH_BLOCK`` patches are exactly ``sample_patches(images, p, n_patches, seed)``;
-    beyond, block ``j`` holds ``sample_patches(images, p, size_j, [seed, j])``.
+    beyond, block ``j`` holds ``sample_patches(images, p, size_j, [seed, j])``; each block is
+    divided by ``divisor`` when given (images kept as uint8, patches as float64).
 
     Returns
     -------
@@ -912,9 +883,12 @@ def _patches(
     def block(j: int) -> np.ndarray:
         size = min(PATCH_BLOCK, n_patches - j * PATCH_BLOCK)
         try:
-            return sample_patches(images, patch_size, size, seed if j == 0 else [seed, j])
+            X = sample_patches(images, patch_size, size, seed if j == 0 else [seed, j])
         except ValueError as exc:
             raise ValueError(f"{what}: {exc}") from None
+        if divisor is not None:
+            X /= divisor
+        return X
 
     if n_patches < 1:
         raise ValueError(f"n_patches: must be an integer >= 1, got {n_patches!r}")

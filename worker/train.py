@@ -60,11 +60,16 @@ COST = "cost.png"
 JOB = "job.json"
 CANCEL = ".cancel"
 OWNER = ".owner"
+#: ``.started-<owner>``: created by a local-plan task when it starts (a rerun resumes).
+STARTED_PREFIX = ".started-"
 
 #: Datasets up to this size (decoded, in the compute dtype) train as one task ("local").
 LOCAL_PLAN_BYTES = 64 * 2**20
 #: Seconds between refreshes of filters.png and model.npz during training.
 REFRESH_SECONDS = 5.0
+#: After a cancel request, a local-plan task has this long to stop by itself before the
+#: client cancels it and reports the last checkpoint (a task queued behind busy workers).
+CANCEL_GRACE_SECONDS = 3.0
 
 #: Output activations and the value range their units can reach.
 OUTPUT_RANGES = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
@@ -528,16 +533,26 @@ def run_local_stage(
     metadata: dict,
     refresh_seconds: float = REFRESH_SECONDS,
     owner: str | None = None,
+    resume: bool = True,
 ) -> dict:
     """The whole optimisation of one stage in this process (run as one Dask task).
 
-    Resumes from ``out_dir/state.npz`` when present (a rerun after a lost worker or a
-    resumed job); stops when ``out_dir/.cancel`` appears, or when ``out_dir/.owner`` no
-    longer holds ``owner`` (a newer run of the job took over, e.g. after a service
-    restart). Returns the StageResult as a dict (without the history).
+    Resumes from ``out_dir/state.npz`` when the caller asks (``resume``, a resumed job) or
+    when this is a rerun of the task (Dask reruns it after a lost worker): the first run
+    creates ``out_dir/.started-<owner>``, and a run finding it resumes. A fresh job thus
+    never continues from a state.npz left by an older run. Stops when ``out_dir/.cancel``
+    appears, or when ``out_dir/.owner`` no longer holds ``owner`` (a newer run of the job
+    took over, e.g. after a service restart). Returns the StageResult as a dict (without
+    the history).
     """
     cancel = Path(out_dir) / CANCEL
     owner_file = Path(out_dir) / OWNER
+    marker = Path(out_dir) / f"{STARTED_PREFIX}{owner or 'anonymous'}"
+    if marker.exists():
+        resume = True  # a rerun of this task: continue its own checkpoints
+    else:
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        _atomic_write_bytes(marker, lambda fh: fh.write(b""))
 
     def superseded() -> bool:
         if owner is None:
@@ -560,15 +575,42 @@ def run_local_stage(
         options=options,
         max_iter=max_iter,
         should_stop=stop,
-        resume=True,
+        resume=resume,
         sample_shape=sample_shape,
         metadata=metadata,
         refresh_seconds=refresh_seconds,
         write_cost=False,  # drawn by the client, off the critical path
     )
+    with contextlib.suppress(FileNotFoundError):
+        marker.unlink()
     d = asdict(res)
     d.pop("history")
     return d
+
+
+def _cancelled_stage(out: Path, net: Network, theta0: np.ndarray, metadata: dict) -> dict:
+    """The result of a local-plan stage whose task was abandoned after a cancel: the last
+    checkpoint (or theta0), written to model.npz like a stage that stopped itself."""
+    from sae.optimize import OptimizerState
+
+    try:
+        st = OptimizerState.load(out / STATE)
+    except (FileNotFoundError, OSError, ValueError):
+        st = None
+    theta = np.asarray(theta0 if st is None or st.J is None else st.theta, dtype=np.float64)
+    save_model(out / MODEL, net, theta, metadata)
+    history = read_history(out / HISTORY) if (out / HISTORY).exists() else []
+    if st is not None:
+        history = [e for e in history if e["iteration"] <= st.iteration]
+    return {
+        "status": "cancelled",
+        "theta": theta,
+        "cost": None if st is None or st.J is None else float(st.J),
+        "iterations": 0 if st is None else int(st.iteration),
+        "evaluations": 0 if st is None else int(st.n_evals),
+        "seconds": float(history[-1]["seconds"]) if history else 0.0,
+        "message": "cancelled while the task waited or evaluated",
+    }
 
 
 def _follow_local(
@@ -578,10 +620,20 @@ def _follow_local(
     on_iteration: Callable[[dict], None] | None,
     should_stop: Callable[[], bool] | None,
     poll: float = 0.1,
-) -> dict:
-    """Wait for a local-plan task, forwarding history entries and cancel requests."""
+    grace: float | None = None,
+) -> dict | None:
+    """Wait for a local-plan task, forwarding history entries and cancel requests.
+
+    After a cancel request the task gets ``grace`` seconds (default
+    :data:`CANCEL_GRACE_SECONDS`) to stop at its next check; then it is cancelled (a task
+    still queued behind busy or absent workers never starts), its ``.owner`` file removed
+    (a task already running stops at its next check) and None is returned: the caller
+    reports the last checkpoint.
+    """
     from distributed import wait
 
+    grace = CANCEL_GRACE_SECONDS if grace is None else grace
+    cancelled_at: float | None = None
     seen = -1
     mtime = None
     history_path = out / HISTORY
@@ -613,8 +665,16 @@ def _follow_local(
             forward()
             if future.done():
                 break
-            if should_stop is not None and should_stop():
+            if cancelled_at is None and should_stop is not None and should_stop():
                 (out / CANCEL).touch()
+                cancelled_at = time.monotonic()
+            if cancelled_at is not None and time.monotonic() - cancelled_at > grace:
+                with contextlib.suppress(FileNotFoundError):
+                    (out / OWNER).unlink()
+                client.cancel(future)
+                mtime = None
+                forward()
+                return None
         result = future.result()
         mtime = None
         forward()
@@ -835,6 +895,9 @@ def _train_local(
     # Warm matplotlib up here while the task trains, to draw cost.png at the end.
     threading.Thread(target=_warm_display, daemon=True).start()
     owner = uuid.uuid4().hex
+    for old in out.glob(STARTED_PREFIX + "*"):  # markers of earlier runs
+        with contextlib.suppress(FileNotFoundError):
+            old.unlink()
     _atomic_write_bytes(out / OWNER, lambda fh: fh.write(owner.encode()))
     workers = sorted(client.scheduler_info(n_workers=-1).get("workers", {}))
     kwargs: dict = {}
@@ -856,11 +919,14 @@ def _train_local(
         metadata=metadata,
         refresh_seconds=refresh_seconds,
         owner=owner,
+        resume=resume,
         key=f"train-{job_name}-{uuid.uuid4().hex[:8]}",
         pure=False,
         **kwargs,
     )
     stage = _follow_local(client, future, out, on_iteration, should_stop)
+    if stage is None:
+        stage = _cancelled_stage(out, net, theta0, metadata)
     history = read_history(out / HISTORY)
     if history:
         _save_cost(history, out / COST)
