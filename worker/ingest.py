@@ -814,31 +814,25 @@ def ingest_images(
         # uint8 in memory (8x less than float64); sampled patches are divided by 255, which
         # gives the bits of sampling images / 255.0 (the same division of the same pixel).
         images = [_read_image(p, gray) for p in files]
-        n_feat, patch_blocks = _patches(
-            images, patch_size, n_patches, seed, str(folder), divisor=255.0
+        return _ingest_patches(
+            dest,
+            images,
+            patch_size=patch_size,
+            n_patches=n_patches,
+            seed=seed,
+            gray=gray,
+            divisor=255.0,
+            source=f"images:{folder.name} ({len(files)} files)",
+            what=str(folder),
+            normalize=normalize,
+            whiten=whiten,
+            epsilon=epsilon,
+            k=k,
+            dtype=dtype,
+            chunk_rows=chunk_rows,
+            overwrite=overwrite,
+            progress=progress,
         )
-        p = int(patch_size)
-        sample_shape = (p, p) if gray else (p, p, 3)
-
-        def write_raw(path: str, ow: bool) -> DatasetInfo:
-            return _write(
-                path,
-                patch_blocks(),
-                n_rows=int(n_patches),
-                n_features=n_feat,
-                dtype=dtype,
-                chunk_rows=chunk_rows,
-                sample_shape=sample_shape,
-                preprocessing={
-                    "steps": ["patches"],
-                    "patches": {"patch_size": p, "n_patches": int(n_patches), "seed": seed},
-                    "gray": gray,
-                },
-                source=f"images:{folder.name} ({len(files)} files)",
-                overwrite=ow,
-                what=str(folder),
-                progress=progress,
-            )
 
     return _preprocess_pipeline(
         dest,
@@ -950,10 +944,51 @@ def ingest_photographs(
     from sae.preprocess import GRAY_PHOTOGRAPHS, RGB_PHOTOGRAPHS, photographs
 
     _check_dest(dest, overwrite)
-    images = photographs(gray=gray)
-    n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, "photographs")
-    p = int(patch_size)
     names = (GRAY_PHOTOGRAPHS + RGB_PHOTOGRAPHS) if gray else RGB_PHOTOGRAPHS
+    return _ingest_patches(
+        dest,
+        photographs(gray=gray),
+        patch_size=patch_size,
+        n_patches=n_patches,
+        seed=seed,
+        gray=gray,
+        divisor=None,
+        source=f"photographs:skimage.data ({', '.join(names)})",
+        what="photographs",
+        normalize=normalize,
+        whiten=whiten,
+        epsilon=epsilon,
+        k=k,
+        dtype=dtype,
+        chunk_rows=chunk_rows,
+        overwrite=overwrite,
+        progress=progress,
+    )
+
+
+def _ingest_patches(
+    dest: str | os.PathLike,
+    images: list[np.ndarray],
+    *,
+    patch_size: int,
+    n_patches: int,
+    seed: int,
+    gray: bool,
+    divisor: float | None,
+    source: str,
+    what: str,
+    normalize: bool,
+    whiten: str | None,
+    epsilon: float,
+    k: int | None,
+    dtype: str,
+    chunk_rows: int | None,
+    overwrite: bool,
+    progress: bool,
+) -> DatasetInfo:
+    """Random patches of ``images`` (divided by ``divisor``), then the preprocessing steps."""
+    n_feat, patch_blocks = _patches(images, patch_size, n_patches, seed, what, divisor=divisor)
+    p = int(patch_size)
 
     def write_raw(path: str, ow: bool) -> DatasetInfo:
         return _write(
@@ -969,9 +1004,9 @@ def ingest_photographs(
                 "patches": {"patch_size": p, "n_patches": int(n_patches), "seed": seed},
                 "gray": gray,
             },
-            source=f"photographs:skimage.data ({', '.join(names)})",
+            source=source,
             overwrite=ow,
-            what="photographs",
+            what=what,
             progress=progress,
         )
 
