@@ -116,6 +116,14 @@ def list_datasets(data_root: str | os.PathLike) -> list[dict[str, Any]]:
     return out
 
 
+def _existing(data_root: str | os.PathLike, name: str) -> Path:
+    """The folder of dataset ``name``, which must exist (BadName, NotFound otherwise)."""
+    path = resolve(data_root, name)
+    if not _is_dataset_dir(path):
+        raise NotFound(f"dataset: no dataset named {name!r}")
+    return path
+
+
 def get_dataset(data_root: str | os.PathLike, name: str) -> tuple[Path, DatasetInfo]:
     """Path and description of dataset ``name``.
 
@@ -123,9 +131,7 @@ def get_dataset(data_root: str | os.PathLike, name: str) -> tuple[Path, DatasetI
     ------
     BadName, NotFound
     """
-    path = resolve(data_root, name)
-    if not _is_dataset_dir(path):
-        raise NotFound(f"dataset: no dataset named {name!r}")
+    path = _existing(data_root, name)
     try:
         return path, open_dataset(path)
     except DatasetError as exc:
@@ -139,9 +145,7 @@ def delete_dataset(data_root: str | os.PathLike, name: str) -> None:
     ------
     BadName, NotFound
     """
-    path = resolve(data_root, name)
-    if not _is_dataset_dir(path):
-        raise NotFound(f"dataset: no dataset named {name!r}")
+    path = _existing(data_root, name)
     shutil.rmtree(path)
     _RANGES.pop(str(path), None)
 
