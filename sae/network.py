@@ -19,6 +19,7 @@ from functools import cached_property
 import numpy as np
 
 from sae.activations import get_activation
+from sae.blas import blas_ready
 
 
 @dataclass(frozen=True)
@@ -167,8 +168,13 @@ class Network:
         -------
         Ws : list of L ndarrays, ``Ws[l-1]`` of shape (n_l, n_{l-1})
         bs : list of L ndarrays, ``bs[l-1]`` of shape (n_l,)
+
+        Notes
+        -----
+        The views are of :func:`sae.blas.blas_ready` theta: an unaligned theta (as a Dask
+        message can deliver) is copied first, so every product sees one layout.
         """
-        theta = np.asarray(theta)
+        theta = blas_ready(theta)
         if theta.ndim != 1 or theta.shape[0] != self.n_params:
             raise ValueError(
                 f"theta: expected a vector of {self.n_params} parameters for sizes "

@@ -27,6 +27,7 @@ from typing import Literal
 import numpy as np
 
 from sae.activations import get_activation
+from sae.blas import blas_ready
 from sae.network import Network
 
 Sums = dict[str, np.ndarray]
@@ -65,7 +66,7 @@ def forward(
     A : list of ndarrays, ``A[l]`` of shape (m, n_l) for ``l = 0..upto`` (``A[0]`` is X).
     """
     dt = _compute_dtype(dtype)
-    X = net.check_X(X).astype(dt, copy=False)
+    X = blas_ready(net.check_X(X), dt)
     Ws, bs = net.unpack(theta)
     upto = net.n_layers if upto is None else upto
     A = [X]
@@ -159,7 +160,7 @@ def _backprop(
     """Error sum and gradient sums for one chunk, with sparsity terms ``s`` added to deltas."""
     dt = _compute_dtype(dtype)
     A = forward(net, theta, X, dtype=dt)
-    Y = A[0] if Y is None else _check_Y(net, Y, A[0].shape[0]).astype(dt, copy=False)
+    Y = A[0] if Y is None else blas_ready(_check_Y(net, Y, A[0].shape[0]), dt)
     Ws, _ = net.unpack(theta)
     L = net.n_layers
     diff = A[L] - Y
