@@ -29,13 +29,19 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
   encoder), never sent once per task.
 
 Bitwise equality (across worker counts, plans, recomputations and :class:`LocalObjective`)
-assumes each chunk's sums are computed with single-threaded BLAS: a multi-threaded matrix
-product may split its sums differently and change the last bits. Dask workers started by
-:func:`worker.cluster.get_client` are pinned to one BLAS thread (``OMP_NUM_THREADS=1`` and
-friends, :func:`worker.cluster.worker_env`); a process running :class:`LocalObjective` or
-:func:`evaluate_chunks` itself (tests, the client) must set those variables before NumPy is
-imported to get the workers' bits. Workers of an external scheduler must be started the
-same way.
+holds because the engine fixes what a BLAS result depends on besides its inputs' values:
+
+- layout and alignment: the math hands BLAS C-contiguous, item-aligned arrays
+  (:func:`sae.blas.blas_ready`); theta arriving in a task as a view at an odd byte offset of a
+  message frame is copied first, so ``X @ W.T`` is always the same GEMM case;
+- threads: every task function here, :class:`LocalObjective` and the optimizer loop of a stage
+  run with one BLAS thread (:func:`worker.threads.one_blas_thread`, set at run time, whatever
+  the process's environment or the workers' ``OMP_NUM_THREADS``).
+
+What remains is the BLAS kernel itself: sums are bitwise the same wherever they run with one
+kernel (OpenBLAS picks SkylakeX on AVX-512 CPUs, Haswell on AVX2, or ``OPENBLAS_CORETYPE``);
+workers running different kernels agree to rounding only. ``tests/test_reproducibility.py``
+and the ``bitwise`` tests run under both kernels in CI.
 """
 
 from __future__ import annotations
@@ -56,8 +62,10 @@ from typing import Any, Literal
 import numpy as np
 
 from sae import objective as obj
+from sae.blas import blas_ready
 from sae.network import Network
 from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk, write_id
+from worker.threads import one_blas_thread, single_threaded
 
 Passes = Literal["two", "fused"]
 Target = Literal["inputs", "raw"]
@@ -204,11 +212,13 @@ def _stage_data(
     return out
 
 
+@single_threaded
 def _chunk_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None):
     X, _ = _stage_data(src, i, encoder)
     return obj.pass1(net, theta, X, dtype=src.dtype)
 
 
+@single_threaded
 def _chunk_pass2(
     net: Network, theta: np.ndarray, src: ChunkSource, i: int, rho_hat: dict, encoder=None
 ):
@@ -216,6 +226,7 @@ def _chunk_pass2(
     return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype)
 
 
+@single_threaded
 def _chunk_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None):
     X, Y = _stage_data(src, i, encoder)
     return obj.fused(net, theta, X, Y=Y, dtype=src.dtype)
@@ -229,6 +240,7 @@ def _sum(*parts: obj.Sums) -> obj.Sums:
     return total
 
 
+@single_threaded
 def _pass2_given_sums1(
     net: Network, theta: np.ndarray, src: ChunkSource, i: int, sums1: obj.Sums, encoder=None
 ):
@@ -236,14 +248,17 @@ def _pass2_given_sums1(
     return obj.pass2(net, theta, X, obj.rho_hat(net, sums1), Y=Y, dtype=src.dtype)
 
 
+@single_threaded
 def _finalize_two(net: Network, theta: np.ndarray, s1: obj.Sums, *parts: obj.Sums):
     return obj.finalize(net, theta, obj.merge_sums(s1, _sum(*parts)))
 
 
+@single_threaded
 def _finalize_one(net: Network, theta: np.ndarray, *parts: obj.Sums):
     return obj.finalize(net, theta, _sum(*parts))
 
 
+@single_threaded
 def evaluate_chunks(
     net: Network,
     theta: np.ndarray,
@@ -280,6 +295,7 @@ def evaluate_chunks(
     return obj.finalize(net, theta, obj.merge_sums(s1, s2))
 
 
+@single_threaded
 def _whole(
     net: Network,
     theta: np.ndarray,
@@ -747,6 +763,7 @@ class DistributedObjective:
         self._refresh_workers()
         hlg, key = self.graph(theta)
         J, grad = self._wait(self.client.get(hlg, key, sync=False))
+        grad = blas_ready(grad, np.float64)  # a view into a message frame may be unaligned
         dt = time.perf_counter() - t0
         self.stats.n_evals += 1
         self.stats.seconds += dt
@@ -787,9 +804,9 @@ class LocalObjective:
     """The same chunk sums and the same reduction tree, computed in one process.
 
     Gives bitwise the results of :class:`DistributedObjective` with the same arguments (the
-    chunks are read once and kept in memory), provided both run BLAS on one thread per task
-    (as :func:`worker.cluster.get_client` pins its workers; see the module docstring). Used
-    to run a small job's whole optimisation as one task next to its data.
+    chunks are read once and kept in memory) under the same BLAS kernel, in any process: it
+    computes with one BLAS thread whatever the process's setting (see the module docstring).
+    Used to run a small job's whole optimisation as one task next to its data.
     """
 
     def __init__(
@@ -819,7 +836,8 @@ class LocalObjective:
         enc = None
         if encoder is not None:
             enc = (encoder[0], np.asarray(encoder[1], dtype=np.float64))
-        self.chunks = [_stage_data(src, i, enc) for i in range(self.info.n_chunks)]
+        with one_blas_thread():
+            self.chunks = [_stage_data(src, i, enc) for i in range(self.info.n_chunks)]
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         if self.should_stop is not None and self.should_stop():

@@ -48,6 +48,7 @@ from sae.optimize import PAIRS_SUFFIX
 from worker.dataset import DatasetInfo, open_dataset
 from worker.engine import Cancelled, DistributedObjective, LocalObjective
 from worker.spec import TrainSpec
+from worker.threads import one_blas_thread
 
 Plan = Literal["auto", "local", "distributed"]
 
@@ -412,7 +413,8 @@ def train_stage(
     writer = CheckpointWriter(history_path, state_path, history)
     try:
         try:
-            final = minimize(objective, state, max_iter, callback)
+            with one_blas_thread():  # the optimizer's dot products too (same bits anywhere)
+                final = minimize(objective, state, max_iter, callback)
         finally:
             writer.close()
         message = final.message
