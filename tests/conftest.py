@@ -2,14 +2,10 @@
 
 from __future__ import annotations
 
-import os
-
 import pytest
 
-# BLAS on one thread in the test process too: the in-process twin of the engine
-# (worker.engine.LocalObjective) then gives the workers' bits.
-for _var in ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS"):
-    os.environ.setdefault(_var, "1")
+# No OPENBLAS_NUM_THREADS here: the engine sets one BLAS thread itself wherever it computes
+# (worker.threads), so the test process keeps the BLAS threads it started with, as a user's does.
 
 
 @pytest.fixture(scope="session")

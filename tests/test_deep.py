@@ -388,6 +388,7 @@ def test_train_deep_outputs_and_reference(two_workers, digits_like, tmp_path, pr
     assert _rel(theta, ref.theta) < 1e-6
 
 
+@pytest.mark.bitwise
 def test_resume_in_the_middle_of_a_stage(two_workers, digits_like, tmp_path):
     """Stopped during stage 2, resumed: stage 1 is not rerun and the result is bitwise that of
     the uninterrupted job."""
@@ -535,6 +536,7 @@ def test_train_deep_without_pretraining(two_workers, digits_like, tmp_path):
     assert net.sizes == (16, 8, 4, 8, 16) and meta["deep"]["pretrain"] == "none"
 
 
+@pytest.mark.bitwise
 def test_resume_reads_finished_stages_from_their_fsynced_state(two_workers, digits_like, tmp_path):
     """model.npz of a finished stage is written without fsync: after a power loss it may be
     stale or torn. Resume takes the parameters from state.npz (fsynced before done.json),

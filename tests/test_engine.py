@@ -46,6 +46,7 @@ def _rel(a, b) -> float:
 NET = Network.autoencoder(36, 10, lam=1e-3, rho=0.05, beta=2.0)
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("passes", ["two", "fused"])
 @pytest.mark.parametrize(("cache", "single"), [(False, False), (True, False), (True, None)])
 def test_distributed_equals_in_memory(two_workers, small, passes, cache, single):
@@ -120,6 +121,7 @@ def test_tree_shape_is_fixed():
     assert float(total["count"]) == sum(range(20))
 
 
+@pytest.mark.bitwise
 def test_bitwise_across_worker_counts_cache_and_local_twin(two_workers, small):
     from worker.cluster import get_client
 
@@ -183,6 +185,7 @@ def test_cache_affinity_and_invalidation(two_workers, tmp_path):
     assert abs(J - J0) <= 1e-12 * J0 and _rel(g, g0) <= 1e-12
 
 
+@pytest.mark.bitwise
 def test_worker_killed_mid_pass(two_workers, tmp_path):
     X = _data(12000, 64, seed=11)
     path = tmp_path / "kill"

@@ -44,6 +44,7 @@ def _counted(parts: list[dict], alive: set, peak: list):
         del leaf
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("n", [1, 2, 7, 8, 9, 63, 64, 65, 100, 513])
 @pytest.mark.parametrize("fan_in", [2, 3, 8])
 def test_streaming_tree_sum_is_the_same_tree(n, fan_in):
@@ -79,6 +80,7 @@ def test_streaming_tree_sum_counts_its_parts():
         streaming_tree_sum(iter(_parts(4, 0)), 3)
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("passes", ["two", "fused"])
 def test_evaluate_chunks_streaming_same_bits(passes):
     rng = np.random.default_rng(3)

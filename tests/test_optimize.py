@@ -152,6 +152,7 @@ def test_n_evals_counts_real_calls(sae_problem):
 RESUME_CASES = [("lbfgs", {"memory": 5}), ("lbfgs", {}), ("cg", {}), ("gd", {"alpha": 0.5})]
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize(("method", "options"), RESUME_CASES)
 def test_resume_is_bitwise(sae_problem, tmp_path, method, options):
     f, theta0 = sae_problem
@@ -199,6 +200,7 @@ _PROCESS_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.bitwise
 def test_resume_in_a_new_process_is_bitwise(sae_problem, tmp_path):
     """As a restarted service does: save in one process, continue in another."""
     f, theta0 = sae_problem

@@ -7,6 +7,7 @@ from __future__ import annotations
 import sqlite3
 
 import numpy as np
+import pytest
 
 from tests.service_fixtures import Server, load_model, wait_job, write_tiny
 
@@ -29,6 +30,7 @@ def _no_orphans(http) -> None:
             assert http.get(f"/jobs/{job['id']}").json()["status"] != "running", job
 
 
+@pytest.mark.bitwise
 def test_kill_restart_resumes_to_the_same_model(tmp_path):
     data, state = tmp_path / "data", tmp_path / "state"
     write_tiny(data, "tiny")

@@ -84,6 +84,7 @@ def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
     assert OptimizerState.load(out / "state.npz").iteration == 12
 
 
+@pytest.mark.bitwise
 def test_local_and_distributed_plans_agree_bitwise(two_workers, patches, tmp_path):
     path, _ = patches
     spec = _spec(path, max_iter=8, passes="fused")
@@ -102,6 +103,7 @@ def test_max_iter_zero_writes_initial_parameters(two_workers, patches, tmp_path)
     assert [e["iteration"] for e in hist] == [0] and res.iterations == 0
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("plan", ["local", "distributed"])
 def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_path, plan):
     path, _ = patches
@@ -138,6 +140,7 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
     assert hist[-1]["seconds"] >= hist[done]["seconds"]
 
 
+@pytest.mark.bitwise
 @pytest.mark.parametrize("plan", ["local", "distributed"])
 def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
     path, _ = patches
@@ -273,6 +276,7 @@ def test_cli_bad_spec_is_a_clean_message(patches, tmp_path, args, field):
     assert field in r.output and "Traceback" not in r.output
 
 
+@pytest.mark.bitwise
 def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers, patches, tmp_path):
     from worker.engine import DistributedObjective
     from worker.train import train_stage
