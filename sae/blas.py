@@ -21,7 +21,7 @@ So every array that reaches a product or a reduction in :mod:`sae.objective` pas
 not (theta is small; a chunk decoded by the engine is already both). The transposes the
 math takes (``W.T``, ``delta.T``) are views of such arrays, so each product always sees one
 layout. Alignment beyond the item size (e.g. 64 bytes) does not change the bits of the
-kernels we test (OpenBLAS 0.3.31, SkylakeX and Haswell: ``tests/test_blas_layout.py``).
+kernels we test (OpenBLAS 0.3.31, SkylakeX and Haswell: ``tests/test_reproducibility.py``).
 """
 
 from __future__ import annotations

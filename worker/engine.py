@@ -34,9 +34,10 @@ holds because the engine fixes what a BLAS result depends on besides its inputs'
 - layout and alignment: the math hands BLAS C-contiguous, item-aligned arrays
   (:func:`sae.blas.blas_ready`); theta arriving in a task as a view at an odd byte offset of a
   message frame is copied first, so ``X @ W.T`` is always the same GEMM case;
-- threads: every task function here, :class:`LocalObjective` and the optimizer loop of a stage
-  run with one BLAS thread (:func:`worker.threads.one_blas_thread`, set at run time, whatever
-  the process's environment or the workers' ``OMP_NUM_THREADS``).
+- threads: every task function here that computes (chunk sums, finalize, the whole-dataset
+  task; the tree's additions are elementwise), :class:`LocalObjective` and the optimizer loop
+  of a stage run with one BLAS thread (:func:`worker.threads.one_blas_thread`, set at run
+  time, whatever the process's environment or the workers' ``OMP_NUM_THREADS``).
 
 What remains is the BLAS kernel itself: sums are bitwise the same wherever they run with one
 kernel (OpenBLAS picks SkylakeX on AVX-512 CPUs, Haswell on AVX2, or ``OPENBLAS_CORETYPE``);
