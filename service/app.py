@@ -39,8 +39,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import FileResponse, HTMLResponse, JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.staticfiles import StaticFiles
+from fastapi_offline import FastAPIOffline
 
 from service import datasets, encoding, metrics, validation
+from service.errors import clean_errors
 from service.runner import Runner
 from service.schemas import (
     Dataset,
@@ -151,11 +153,33 @@ class RedactTokens(logging.Filter):
         return True
 
 
+class QuietPolling(logging.Filter):
+    """Drop the access-log lines of what the web page and ``sae wait`` poll every second or
+    two (successful GETs of the job list, a job, its history and pictures, the dataset list,
+    health): a log of what changed stays readable. Errors and every other request are kept."""
+
+    _POLLED = re.compile(
+        r"^/(health|datasets|jobs|jobs/[^/?]+(/(history|filters\.png|cost\.png))?)/?(\?.*)?$"
+    )
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        args = record.args
+        if not (isinstance(args, tuple) and len(args) == 5):
+            return True
+        _, method, path, _, status = args
+        try:
+            ok = int(status) < 400
+        except (TypeError, ValueError):
+            return True
+        return not (method in ("GET", "HEAD") and ok and self._POLLED.match(str(path)))
+
+
 def redact_access_log() -> None:
-    """Install :class:`RedactTokens` on the ``uvicorn.access`` logger (once)."""
+    """Install :class:`RedactTokens` and :class:`QuietPolling` on ``uvicorn.access`` (once)."""
     logger = logging.getLogger("uvicorn.access")
-    if not any(isinstance(f, RedactTokens) for f in logger.filters):
-        logger.addFilter(RedactTokens())
+    for cls in (QuietPolling, RedactTokens):
+        if not any(isinstance(f, cls) for f in logger.filters):
+            logger.addFilter(cls())
 
 
 def json_safe(value: Any) -> Any:
@@ -257,14 +281,16 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         store = JobStore(settings.db_path)
         runner = Runner(settings, store, train_fn=train_fn)
         app.state.store, app.state.runner = store, runner
-        app.state.metrics = metrics.Metrics(store, runner)
+        app.state.metrics = metrics.Metrics(store, runner, app.state.registry)
         runner.start()
         try:
             yield
         finally:
             await run_in_threadpool(runner.stop)
 
-    app = FastAPI(
+    # /docs and /redoc with Swagger UI and ReDoc served from the package, not a CDN: the docs
+    # work on a machine without internet access.
+    app = FastAPIOffline(
         title="Sparse autoencoder training service",
         version="0.1.0",
         description="Submit training jobs for sparse and deep autoencoders, watch them, and "
@@ -273,16 +299,16 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         max_body_size=settings.max_body_bytes,
     )
     app.state.settings = settings
+    app.state.registry = metrics.new_registry()
+    metrics.instrument(app, app.state.registry)
 
     @app.middleware("http")
     async def count_requests(request: Request, call_next):
+        route = metrics.route_template(request)  # before routing rewrites the scope (mounts)
         response = await call_next(request)
-        route = request.scope.get("route")
         m = getattr(request.app.state, "metrics", None)
         if m is not None:
-            m.requests.labels(
-                request.method, getattr(route, "path", "unmatched"), str(response.status_code)
-            ).inc()
+            m.requests.labels(request.method, route, str(response.status_code)).inc()
         return response
 
     @app.middleware("http")
@@ -305,7 +331,7 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
 
     @app.exception_handler(RequestValidationError)
     async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
-        errors = json_safe(jsonable_encoder(json_safe(exc.errors())))
+        errors = json_safe(jsonable_encoder(json_safe(clean_errors(exc.errors()))))
         return JSONResponse({"detail": errors}, status_code=422)
 
     @app.exception_handler(datasets.BadName)
@@ -334,9 +360,14 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         """
         if settings.token and not _token_ok(creds.credentials if creds else None, settings):
             return Health(status="ok")
+        cluster = runner.cluster_summary()
         return Health(
             status="ok",
-            scheduler=settings.scheduler,
+            scheduler=cluster.get("scheduler", settings.scheduler),
+            embedded=cluster.get("embedded", settings.scheduler is None),
+            workers=cluster.get("workers"),
+            threads=cluster.get("threads"),
+            memory_limit_bytes=cluster.get("memory_limit_bytes"),
             dashboard_url=runner.dashboard_url,
             running=runner.running_ids(),
             cluster_error=runner.cluster_error,
@@ -380,26 +411,42 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         settings: SettingsDep,
         name: Annotated[str, Form(min_length=1, max_length=512)],
         file: Annotated[UploadFile, File(description=".npy or IDX file, gzip allowed")],
+        sample_shape: Annotated[
+            str | None,
+            Form(
+                max_length=64,
+                pattern=r"^[1-9][0-9]*(x[1-9][0-9]*)*$",
+                description="Shape of one example as a picture, e.g. 28x28 or 12x12x3",
+            ),
+        ] = None,
     ) -> dict[str, Any]:
         """Ingest an uploaded `.npy` or IDX file (gzip allowed) as dataset `name`."""
         try:
             datasets.check_name(name)
         except datasets.BadName as exc:
             raise field_error("name", str(exc)) from None
+        shape = tuple(int(d) for d in sample_shape.split("x")) if sample_shape else None
+        filename = Path(file.filename or "").name[:200] or None
         with tempfile.NamedTemporaryFile(dir=settings.state_dir, suffix=".upload") as tmp:
             file.file.seek(0)
             shutil.copyfileobj(file.file, tmp, 1 << 20)
             tmp.flush()
             try:
                 return datasets.ingest_upload(
-                    settings.data_root, name, Path(tmp.name), settings.max_dataset_bytes
+                    settings.data_root,
+                    name,
+                    Path(tmp.name),
+                    settings.max_dataset_bytes,
+                    filename=filename,
+                    sample_shape=shape,
                 )
             except datasets.Exists as exc:
                 raise HTTPException(409, str(exc)) from None
             except datasets.BadName as exc:
                 raise field_error("name", str(exc)) from None
             except ValueError as exc:
-                raise field_error("file", str(exc)) from None
+                field = "sample_shape" if str(exc).startswith("sample_shape") else "file"
+                raise field_error(field, str(exc)) from None
             except OSError as exc:
                 msg = f"name: cannot create {name!r} ({exc.strerror})"
                 raise field_error("name", msg) from None

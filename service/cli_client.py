@@ -11,6 +11,8 @@ from typing import Any
 
 import click
 
+from service.errors import describe_errors
+
 DEFAULT_URL = "http://127.0.0.1:8000"
 ARTIFACTS = ("model.npz", "history.json", "filters.png", "cost.png")
 
@@ -37,10 +39,7 @@ class _Api:
             except ValueError:
                 detail = r.text
             if isinstance(detail, list):
-                detail = "; ".join(
-                    f"{'.'.join(str(p) for p in d.get('loc', [])[1:])}: {d.get('msg')}"
-                    for d in detail
-                )
+                detail = describe_errors(detail)
             raise click.ClickException(f"{r.status_code}: {detail}")
         return r
 
@@ -68,6 +67,24 @@ def _job_line(j: dict[str, Any]) -> str:
         f"{j['id']}  {j['status']:<9}  {j['spec'].get('dataset', '')!s:<20}"
         f"  it {j['iteration']}/{j['max_iter']}{stage}  {100 * j['progress']:5.1f}%  cost {cost}"
     )
+
+
+def _listen(host: str, port: int):
+    """A socket bound to ``host:port``, or a ClickException saying why it cannot be."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host, port))
+    except OSError as exc:
+        sock.close()
+        raise click.ClickException(
+            f"port: cannot listen on {host}:{port} ({exc.strerror or exc}); another program "
+            "may be using it: choose another --port"
+        ) from None
+    return sock
 
 
 def register(main: click.Group) -> None:
@@ -106,19 +123,22 @@ def register(main: click.Group) -> None:
         from service.settings import Settings
 
         settings = Settings(**{k: v for k, v in options.items() if v is not None})
+        # Bind before anything starts (the app's lifespan starts Dask): a busy port is one line.
+        sock = _listen(settings.host, settings.port)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")
         click.echo(
             f"sae serve: http://{settings.host}:{settings.port} data={settings.data_root} "
             f"state={settings.state_dir} scheduler={settings.scheduler or 'embedded'}",
             err=True,
         )
-        uvicorn.run(
+        config = uvicorn.Config(
             create_app(settings),
             host=settings.host,
             port=settings.port,
             log_level=log_level,
             timeout_graceful_shutdown=30,
         )
+        uvicorn.Server(config).run(sockets=[sock])
 
     @main.command()
     @click.argument("spec_file", type=click.File("r"))
@@ -228,11 +248,19 @@ def register(main: click.Group) -> None:
 def _wait(api: _Api, job_id: str, interval: float) -> int:
     from tqdm import tqdm
 
-    bar = tqdm(total=1000, desc=job_id, unit="‰", leave=True, file=sys.stderr)
+    # Progress in percent of the job's iterations, with elapsed and remaining time (no rate:
+    # "%/s" means nothing to a reader).
+    bar = tqdm(
+        total=100,
+        desc=job_id,
+        leave=True,
+        file=sys.stderr,
+        bar_format="{desc}: {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
+    )
     try:
         while True:
             j = api.call("GET", f"/jobs/{job_id}").json()
-            bar.n = int(1000 * j["progress"])
+            bar.n = round(100 * j["progress"], 1)
             post = {"status": j["status"], "it": f"{j['iteration']}/{j['max_iter']}"}
             if j.get("stage"):
                 post["stage"] = j["stage"]

@@ -53,11 +53,10 @@ def build_spec(**fields):
     try:
         return TrainSpec(**{k: v for k, v in fields.items() if v is not None})
     except ValidationError as exc:
-        msgs = []
-        for err in exc.errors():
-            loc = ".".join(str(x) for x in err["loc"]) or "spec"
-            msgs.append(f"{loc.replace('_', '-')}: {err['msg']}")
-        raise click.ClickException("invalid training spec: " + "; ".join(msgs)) from None
+        from service.errors import describe_errors
+
+        msg = describe_errors(exc.errors(), dash=True)
+        raise click.ClickException(f"invalid training spec: {msg}") from None
 
 
 def run_training(
@@ -197,13 +196,25 @@ def train_cmd(
             raise click.ClickException(f"--resume: {resume_dir} holds no job.json")
         saved = json.loads(job.read_text())["spec"]
         given = {k: v for k, v in fields.items() if v is not None}
+        extend = given.pop("max_iter", None)
         if given:
             raise click.ClickException(
-                "--resume continues the saved spec; do not give "
+                "--resume continues the saved spec (only --max-iter may change); do not give "
                 + ", ".join("--" + k.replace("_", "-") for k in sorted(given))
             )
         spec = build_spec(**saved)
+        if extend is not None:
+            if spec.is_deep:
+                raise click.ClickException(
+                    "--max-iter: a deep job's stages cannot be extended on resume; train a new "
+                    "job (its pretraining can start from this one's model)"
+                )
+            spec = build_spec(**{**saved, "max_iter": extend})
         out = resume_dir
+        done = _finished(spec, Path(resume_dir))
+        if done is not None:
+            click.echo(f"nothing to do: {done}")
+            return
     else:
         if not dataset:
             raise click.UsageError("give a DATASET (or --resume DIR)")
@@ -211,6 +222,12 @@ def train_cmd(
             fields["hidden"] = parse_hidden(fields["hidden"])
         spec = build_spec(dataset=dataset, **fields)
         out = out or f"runs/{Path(dataset).name}-{spec.hidden_sizes[-1]}"
+    from worker.train import check_job
+
+    try:  # before a cluster starts: a missing dataset or a bad spec is reported at once
+        check_job(spec)
+    except (ValueError, OSError) as exc:
+        raise click.ClickException(str(exc)) from None
     on_iteration, close_bar = progress_callbacks(spec)
     try:
         result = run_training(
@@ -237,6 +254,34 @@ def train_cmd(
     for p in (result.model_path, result.history_path, result.filters_path, result.cost_path):
         if p is not None and Path(p).exists():
             click.echo(f"  {p}")
+
+
+def _finished(spec, out: Path) -> str | None:
+    """Why resuming the one-layer job in ``out`` up to ``spec.max_iter`` would do nothing
+    (its last checkpoint already meets a stopping test), or None."""
+    from sae.optimize import FAILED, OptimizerState, stop_reason
+    from worker.train import STATE
+
+    if spec.is_deep or not (out / STATE).exists():
+        return None
+    try:
+        state = OptimizerState.load(out / STATE)
+    except (OSError, ValueError):
+        return None  # the run reports what is wrong with it
+    if state.J is None:
+        return None
+    if state.status in FAILED:
+        return f"{out} ended at iteration {state.iteration} with {state.status}: {state.message}"
+    reason = stop_reason(state, spec.max_iter)
+    if reason is None:
+        return None
+    status, message = reason
+    hint = (
+        f"; give --max-iter above {state.iteration} to train further"
+        if status == "max_iter"
+        else ""
+    )
+    return f"{out} finished at iteration {state.iteration} ({message}){hint}"
 
 
 @click.command("gradcheck")

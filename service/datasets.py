@@ -268,13 +268,20 @@ def _gunzip(src: Path, max_bytes: int) -> Path:
 
 
 def ingest_upload(
-    data_root: str | os.PathLike, name: str, src: Path, max_bytes: int = 1 << 40
+    data_root: str | os.PathLike,
+    name: str,
+    src: Path,
+    max_bytes: int = 1 << 40,
+    filename: str | None = None,
+    sample_shape: tuple[int, ...] | None = None,
 ) -> dict[str, Any]:
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
     The file is streamed into the Zarr store block by block by :mod:`worker.ingest` (a
     gzip-compressed upload, of either format, is first decompressed to disk, at most
-    ``max_bytes``).
+    ``max_bytes``). The dataset's source names the uploaded file (``filename``, as the
+    client sent it), not the temporary copy; ``sample_shape`` (e.g. (28, 28)) makes its
+    examples pictures.
 
     Raises
     ------
@@ -290,15 +297,17 @@ def ingest_upload(
             with open(src, "rb") as f:
                 if f.read(2) == b"\x1f\x8b":  # either format: decompress under the cap
                     raw = src = _gunzip(src, max_bytes)
+            source = f"upload:{filename or 'file'} ({fmt})"
             if fmt == "npy":
-                info = ingest.ingest_npy(src, dest)
+                info = ingest.ingest_npy(src, dest, sample_shape=sample_shape, source=source)
             else:
-                info = ingest.ingest_idx(src, dest)
+                info = ingest.ingest_idx(src, dest, sample_shape=sample_shape, source=source)
         except (DatasetError, ValueError) as exc:
             if dest.exists():  # another process made it meanwhile
                 raise Exists(f"name: a dataset named {name!r} exists already") from None
             msg = str(exc).replace(str(src), "upload").replace(str(dest), repr(name))
-            raise ValueError(msg if msg.startswith("file") else f"file: {msg}") from None
+            field = "sample_shape" if msg.startswith("sample_shape") else "file"
+            raise ValueError(msg if msg.startswith(field) else f"file: {msg}") from None
         finally:
             if raw is not None:
                 raw.unlink(missing_ok=True)

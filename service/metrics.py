@@ -24,11 +24,19 @@ class _JobsCollector:
         )
 
 
-class Metrics:
-    """The app's metrics: job counts by status (read at scrape time) and submissions."""
+def new_registry() -> CollectorRegistry:
+    """The registry of one app (made with the app, so that request instrumentation installed
+    at build time and the job metrics of the lifespan share it)."""
+    return CollectorRegistry()
 
-    def __init__(self, store: JobStore, runner):
-        self.registry = CollectorRegistry()
+
+class Metrics:
+    """The app's metrics: job counts by status (read at scrape time), submissions and requests
+    by route template. Request latencies come from prometheus-fastapi-instrumentator, on the
+    same registry (see :func:`instrument`)."""
+
+    def __init__(self, store: JobStore, runner, registry: CollectorRegistry | None = None):
+        self.registry = registry if registry is not None else new_registry()
         self.submitted = Counter(
             "sae_jobs_submitted", "Jobs accepted by POST /jobs", registry=self.registry
         )
@@ -43,3 +51,36 @@ class Metrics:
     def render(self) -> tuple[bytes, str]:
         """The exposition text and its content type."""
         return generate_latest(self.registry), CONTENT_TYPE_LATEST
+
+
+def route_template(request) -> str:
+    """The route template of a request (``/jobs/{job_id}``, ``/docs``, ``/static``), or
+    ``"unmatched"`` when no route matches (404s of unknown paths)."""
+    from prometheus_fastapi_instrumentator.routing import get_route_name
+    from starlette.routing import Match, Mount
+
+    name = get_route_name(request, should_include_root_path=False)
+    if name:
+        return name
+    for route in getattr(request.app, "routes", ()):  # static files: a Mount without routes
+        if isinstance(route, Mount) and route.matches(request.scope)[0] == Match.FULL:
+            return route.path
+    return "unmatched"
+
+
+def instrument(app, registry: CollectorRegistry) -> None:
+    """Request latency (``sae_http_request_duration_seconds``) and request and response size
+    histograms by route template, from prometheus-fastapi-instrumentator; the request count
+    by route and status is :attr:`Metrics.requests`."""
+    from prometheus_fastapi_instrumentator import Instrumentator
+    from prometheus_fastapi_instrumentator import metrics as pfi
+
+    common = {"metric_namespace": "sae", "registry": registry}
+    Instrumentator(
+        should_group_status_codes=False,
+        should_ignore_untemplated=True,
+        excluded_handlers=["/metrics"],
+        registry=registry,
+    ).add(pfi.latency(**common)).add(pfi.request_size(**common)).add(
+        pfi.response_size(**common)
+    ).instrument(app)

@@ -173,6 +173,29 @@ class Runner:
             self._client = self._connect()
         return self._client
 
+    def cluster_summary(self, timeout: float = 2.0) -> dict[str, Any]:
+        """The scheduler's address, whether it is embedded, its workers, threads and memory.
+
+        Empty before the runner has connected; without the counts when the scheduler does
+        not answer within ``timeout`` seconds (``/health`` never hangs on it).
+        """
+        client = self._client
+        if client is None:
+            return {}
+        out: dict[str, Any] = {
+            "scheduler": client.scheduler.address,
+            "embedded": self.settings.scheduler is None,
+        }
+        try:
+            info = client.sync(client.scheduler.identity, n_workers=-1, callback_timeout=timeout)
+        except Exception:  # noqa: BLE001 - a slow or gone scheduler: report what is known
+            return out
+        workers = (info or {}).get("workers", {}).values()
+        out["workers"] = len(workers)
+        out["threads"] = sum(int(w.get("nthreads") or 0) for w in workers)
+        out["memory_limit_bytes"] = sum(int(w.get("memory_limit") or 0) for w in workers)
+        return out
+
     def notify(self) -> None:
         """Wake the dispatcher (a job was queued or finished)."""
         self._wake.set()

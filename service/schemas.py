@@ -127,7 +127,13 @@ class Health(BaseModel):
     """Liveness and what the service is connected to."""
 
     status: Literal["ok"]
-    scheduler: str | None = Field(None, description="Only shown to holders of the token")
+    scheduler: str | None = Field(
+        None, description="Address of the Dask scheduler (embedded or not); token holders only"
+    )
+    embedded: bool | None = Field(None, description="True for the service's own LocalCluster")
+    workers: int | None = Field(None, description="Dask workers connected now")
+    threads: int | None = Field(None, description="Worker threads in total")
+    memory_limit_bytes: int | None = Field(None, description="Workers' memory limits in total")
     dashboard_url: str | None = Field(None, description="Only shown to holders of the token")
     running: list[str] | None = Field(None, description="Only shown to holders of the token")
     cluster_error: str | None = None

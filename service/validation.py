@@ -11,6 +11,7 @@ import os
 
 from sae.network import Network
 from service import datasets
+from service.errors import clean_message
 from service.store import ACTIVE, JobStore
 from worker.spec import TrainSpec
 
@@ -50,8 +51,11 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
     """
     try:
         path, info = datasets.get_dataset(data_root, spec.dataset)
-    except (datasets.BadName, datasets.NotFound) as exc:
-        return [("dataset", f"dataset: {exc}")]
+    except (
+        datasets.BadName,
+        datasets.NotFound,
+    ) as exc:  # their messages start "name: "/"dataset: "
+        return [("dataset", clean_message("name", clean_message("dataset", str(exc))))]
     m, n = info.shape
     if m < 1:
         return [("dataset", f"dataset: {spec.dataset!r} has no examples")]

@@ -125,3 +125,17 @@ def test_long_history_and_a_deleted_job(tmp_path):
         dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "profile2")
         assert 'data-status="gone"' in dom
         assert "gone" in _text(dom, "error")
+
+
+def test_api_docs_render_offline(tmp_path):
+    """Swagger UI comes from the installed package (fastapi-offline), not a CDN: on a machine
+    without internet access the docs page still lists the operations."""
+    write_tiny(tmp_path / "data", "tiny")
+    with Server(tmp_path / "data", tmp_path / "state") as srv:
+        dom = chromium(f"{srv.url}/docs", tmp_path / "profile", budget_ms=8000)
+        assert "cdn.jsdelivr.net" not in dom
+        ops = re.findall(r'class="opblock opblock-(get|post|delete)', dom)
+        assert len(ops) >= 10, dom[-2000:]
+        assert "/jobs/{job_id}/encode" in dom
+        redoc = chromium(f"{srv.url}/redoc", tmp_path / "profile2", budget_ms=8000)
+        assert "/jobs/{job_id}/encode" in redoc, redoc[-2000:]

@@ -370,7 +370,12 @@ def test_upload_npy_and_gzipped_idx_then_delete(http, server):
 
 def test_health_metrics_and_pages(server, http):
     h = http.get("/health").json()
-    assert h["status"] == "ok" and h["scheduler"] is None
+    assert h["status"] == "ok" and h["embedded"] is True
+    deadline = time.monotonic() + 60  # the embedded cluster starts in the background
+    while h.get("scheduler") is None and time.monotonic() < deadline:
+        time.sleep(0.2)
+        h = http.get("/health").json()
+    assert h["scheduler"].startswith("tcp://127.0.0.1:") and h["workers"] >= 1
     text = http.get("/metrics").text
     assert 'sae_jobs{status="succeeded"}' in text
     assert "sae_jobs_submitted_total" in text

@@ -236,10 +236,28 @@ def test_cli_train_resume_and_gradcheck(patches, tmp_path):
     assert "Dashboard: http" in r.output and "model.npz" in r.output
     hist = json.loads((out / "history.json").read_text())
     assert hist[-1]["iteration"] == 4
-    # --resume continues the saved spec (already finished: stays at 4 iterations).
+    # --resume continues the saved spec (already finished: stays at 4 iterations, says so and
+    # starts no cluster).
     r = runner.invoke(_cli(), ["train", "--resume", str(out), "--workers", "1"])
     assert r.exit_code == 0, r.output
+    assert "nothing to do" in r.output and "--max-iter above 4" in r.output, r.output
+    assert "Dashboard" not in r.output
     assert json.loads((out / "history.json").read_text())[-1]["iteration"] == 4
+    # --resume --max-iter extends it on the trajectory of an uninterrupted 7-iteration run.
+    r = runner.invoke(_cli(), ["train", "--resume", str(out), "--max-iter", "7", "--workers", "1"])
+    assert r.exit_code == 0, r.output
+    straight = tmp_path / "straight"
+    r = runner.invoke(_cli(), [*args[:5], "7", *args[6:-1], str(straight)])
+    assert r.exit_code == 0, r.output
+    h_ext = json.loads((out / "history.json").read_text())
+    h_str = json.loads((straight / "history.json").read_text())
+    assert [e["iteration"] for e in h_ext] == list(range(8))
+    assert [e["cost"] for e in h_ext] == [e["cost"] for e in h_str]
+    with np.load(out / "model.npz") as a, np.load(straight / "model.npz") as b:
+        assert all(np.array_equal(a[k], b[k]) for k in ("W1", "b1", "W2", "b2"))
+    assert json.loads((out / "job.json").read_text())["spec"]["max_iter"] == 7
+    r = runner.invoke(_cli(), ["train", "--resume", str(out), "--lam", "1e-3"])
+    assert r.exit_code != 0 and "only --max-iter may change" in r.output
     r = runner.invoke(
         _cli(),
         [

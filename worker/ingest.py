@@ -215,6 +215,8 @@ def ingest_idx(
     overwrite: bool = False,
     limit: int | None = None,
     progress: bool = False,
+    sample_shape: Sequence[int] | None = None,
+    source: str | None = None,
 ) -> DatasetInfo:
     """Write a dataset from an IDX file (MNIST format, gzip-compressed or raw), streaming it.
 
@@ -232,6 +234,11 @@ def ingest_idx(
         Keep only the first ``limit`` examples.
     progress : bool
         Show a progress bar.
+    sample_shape : sequence of int, optional
+        Shape of one example for pictures (default: the file's item shape); its product must
+        be the item's size.
+    source : str, optional
+        Where the data came from, for the dataset's attributes (default ``idx:<file name>``).
 
     Returns
     -------
@@ -254,6 +261,13 @@ def ingest_idx(
         raise ValueError(f"{src}: no examples to ingest (file has {shape[0]}, limit {limit})")
     item = tuple(shape[1:])
     n = math.prod(item) if item else 1
+    if sample_shape is not None:
+        sample_shape = tuple(int(d) for d in sample_shape)
+        if math.prod(sample_shape) != n or min(sample_shape, default=0) < 1:
+            raise ValueError(
+                f"sample_shape: {sample_shape} does not hold the {n} values of one example"
+            )
+        item = sample_shape
     if item_dtype == np.uint8:
         dtype, scale = "uint8", 1.0 / 255.0
     elif item_dtype.kind in "iu":
@@ -286,7 +300,7 @@ def ingest_idx(
         chunk_rows=rows,
         sample_shape=item if len(item) >= 1 else None,
         preprocessing={"steps": ["scale"] if scale != 1.0 else [], "scale": scale},
-        source=f"idx:{src.name}" + (f" (first {m})" if m < shape[0] else ""),
+        source=(source or f"idx:{src.name}") + (f" (first {m})" if m < shape[0] else ""),
         overwrite=overwrite,
         what=str(src),
         progress=progress,
@@ -314,6 +328,7 @@ def ingest_npy(
     chunk_rows: int | None = None,
     overwrite: bool = False,
     progress: bool = False,
+    source: str | None = None,
 ) -> DatasetInfo:
     """Write a dataset from a ``.npy`` file of any size (memory-mapped, written chunk by chunk).
 
@@ -336,6 +351,8 @@ def ingest_npy(
         Rows per chunk (default: about 16 MB per chunk).
     overwrite : bool
     progress : bool
+    source : str, optional
+        Where the data came from, for the dataset's attributes (default ``npy:<file name>``).
 
     Returns
     -------
@@ -404,7 +421,7 @@ def ingest_npy(
         chunk_rows=rows,
         sample_shape=sample_shape,
         preprocessing={"steps": steps, "scale": float(scale)},
-        source=f"npy:{src.name}",
+        source=source or f"npy:{src.name}",
         overwrite=overwrite,
         what=str(src),
         progress=progress,

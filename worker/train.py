@@ -501,6 +501,28 @@ def validate_spec(spec: TrainSpec, info: DatasetInfo) -> None:
         pass  # each stage has one sparse layer: fused applies stage by stage
 
 
+def check_job(spec: TrainSpec, dataset_path: str | None = None) -> DatasetInfo:
+    """Everything that can be checked before a cluster starts: the dataset opens and the
+    spec fits it (one-layer and deep).
+
+    Raises
+    ------
+    worker.dataset.DatasetError
+        If the dataset is missing or not a dataset (a ValueError).
+    ValueError
+        Naming the field, when the spec does not fit the dataset.
+    """
+    info = open_dataset(str(dataset_path or spec.dataset))
+    validate_spec(spec, info)
+    if spec.is_deep:
+        from worker.deep import validate_deep
+
+        validate_deep(spec, info.shape[1])
+    else:
+        build_network(spec, info.shape[1])
+    return info
+
+
 def choose_plan(info: DatasetInfo, dtype: str, plan: Plan = "auto") -> str:
     """``"local"`` for datasets up to :data:`LOCAL_PLAN_BYTES` (decoded), else
     ``"distributed"``."""
@@ -767,8 +789,7 @@ def train(
             )
     out = Path(out_dir)
     path = str(dataset_path or spec.dataset)
-    info = open_dataset(path)
-    validate_spec(spec, info)
+    info = check_job(spec, path)
     dashboard = _dashboard(client)
     if spec.is_deep:
         from worker.deep import train_deep

@@ -1,0 +1,208 @@
+"""What got in a new user's way (issue 10, first list): each test failed before its fix.
+
+Errors that name their field once, progress in percent, checks before a cluster starts, a busy
+port said in one line, /health and /metrics that describe the embedded cluster and every route,
+and an access log without the page's polling.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import socket
+import subprocess
+import time
+
+import pytest
+from click.testing import CliRunner
+
+from service.cli import main as sae
+from service.errors import clean_message, describe_errors
+from tests.service_fixtures import SAE, Server, child_env, wait_job, write_tiny
+
+SMALL = {"dataset": "p", "hidden": 4, "max_iter": 3, "lam": 1e-4, "rho": 0.1, "beta": 0.5}
+
+
+@pytest.fixture(scope="module")
+def srv(tmp_path_factory):
+    base = tmp_path_factory.mktemp("usability")
+    write_tiny(base / "data", "p")
+    # log level info: uvicorn writes its access log (the polling filter is under test)
+    with Server(base / "data", base / "state", args=["--log-level", "info"]) as s:
+        yield s
+
+
+# ------------------------------------------------------------------ errors name a field once
+
+
+def test_clean_message_strips_repeated_field_and_pydantic_prefixes():
+    assert clean_message("dataset", "dataset: dataset: no dataset named 'x'") == (
+        "no dataset named 'x'"
+    )
+    assert clean_message("hidden", "Value error, hidden: layer sizes must be >= 1, got 0") == (
+        "layer sizes must be >= 1, got 0"
+    )
+    assert clean_message("max_iter", "max-iter: too big") == "too big"
+    assert clean_message("rho", "Input should be less than 1") == "Input should be less than 1"
+    errors = [{"loc": ("body", "hidden", 1), "msg": "Value error, hidden: must be >= 1"}]
+    assert describe_errors(errors) == "hidden.1: must be >= 1"
+
+
+def test_submit_on_a_missing_dataset_names_the_field_once(srv, tmp_path):
+    spec = tmp_path / "spec.json"
+    spec.write_text(json.dumps({**SMALL, "dataset": "nope"}))
+    res = CliRunner().invoke(sae, ["submit", str(spec), "--url", srv.url])
+    assert res.exit_code == 1
+    assert "Error: 422: dataset: no dataset named 'nope'" in res.output, res.output
+    assert res.output.count("dataset:") == 1
+    with srv.client() as http:
+        r = http.post("/jobs", json={**SMALL, "hidden": [25, 0]})
+    assert r.status_code == 422
+    (err,) = r.json()["detail"]
+    assert err["loc"][:2] == ["body", "hidden"]
+    assert "Value error" not in err["msg"] and not err["msg"].startswith("hidden")
+
+
+def test_train_cli_error_names_the_field_once(tmp_path):
+    write_tiny(tmp_path, "p")
+    res = CliRunner().invoke(sae, ["train", str(tmp_path / "p"), "--hidden", "25,0"])
+    assert res.exit_code == 1
+    assert "Value error" not in res.output, res.output
+    assert re.search(r"hidden: layer sizes must be >= 1, got 0", res.output), res.output
+    assert res.output.count("hidden") == 1, res.output
+
+
+# ------------------------------------------------------------------ checks before the cluster
+
+
+def test_train_on_a_missing_dataset_fails_before_any_cluster(tmp_path):
+    res = CliRunner().invoke(sae, ["train", str(tmp_path / "nope"), "--hidden", "4"])
+    assert res.exit_code == 1
+    assert "Dashboard" not in res.output and "http://" not in res.output, res.output
+    assert "nope" in res.output
+
+
+def test_serve_on_a_busy_port_says_so_before_starting_dask(tmp_path):
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        port = busy.getsockname()[1]
+        t0 = time.monotonic()
+        proc = subprocess.run(
+            [*SAE, "serve", "--data-root", str(tmp_path / "d"), "--state-dir", str(tmp_path / "s")]
+            + ["--host", "127.0.0.1", "--port", str(port)],
+            capture_output=True,
+            text=True,
+            env=child_env(),
+            timeout=60,
+        )
+        elapsed = time.monotonic() - t0
+    assert proc.returncode != 0
+    assert f"port: cannot listen on 127.0.0.1:{port}" in proc.stderr, proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert "distributed" not in proc.stderr and "dashboard" not in proc.stderr.lower()
+    print(f"busy port reported after {elapsed:.1f} s")
+
+
+# ------------------------------------------------------------------ progress in percent
+
+
+def test_wait_shows_percent_not_permille(srv):
+    with srv.client() as http:
+        job_id = http.post("/jobs", json=SMALL).json()["id"]
+    res = CliRunner().invoke(sae, ["wait", job_id, "--interval", "0.2", "--url", srv.url])
+    assert res.exit_code == 0, res.output
+    assert "‰" not in res.output and "/s" not in res.output, res.output
+    assert re.search(r"100\.0%\|", res.output), res.output
+
+
+# ------------------------------------------------------------------ /health and /metrics
+
+
+def test_health_describes_the_embedded_cluster(srv):
+    with srv.client() as http:
+        wait_job(http, http.post("/jobs", json={**SMALL, "seed": 3}).json()["id"])
+        h = http.get("/health").json()
+    assert h["embedded"] is True
+    assert h["scheduler"].startswith("tcp://127.0.0.1:"), h
+    assert h["workers"] == 1 and h["threads"] == 1, h  # the fixture's --workers 1
+    assert h["memory_limit_bytes"] > 0
+
+
+def test_metrics_label_every_route_and_time_requests(srv):
+    with srv.client() as http:
+        for path in ("/docs", "/openapi.json", "/static/app.js", "/jobs", "/no-such-page"):
+            http.get(path)
+        text = http.get("/metrics").text
+    for route in ("/docs", "/openapi.json", "/static", "/jobs"):
+        assert f'route="{route}"' in text, route
+    assert re.search(r'sae_http_requests_total\{method="GET",route="unmatched",status="404"', text)
+    assert 'route="unmatched",status="200"' not in text
+    latency = r'sae_http_request_duration_seconds_bucket\{handler="/jobs"'
+    assert re.search(latency, text), text[:2000]
+
+
+# ------------------------------------------------------------------ access log
+
+
+def test_access_log_leaves_out_polling(srv):
+    with srv.client() as http:
+        job_id = http.post("/jobs", json={**SMALL, "seed": 4}).json()["id"]
+        for _ in range(5):
+            http.get(f"/jobs/{job_id}")
+            http.get(f"/jobs/{job_id}/history")
+            http.get("/jobs?limit=100")
+        http.get(f"/jobs/{job_id}/nothing-here")
+        wait_job(http, job_id)
+    time.sleep(0.5)
+    log = srv.log.read_text()
+    assert re.search(r'"POST /jobs HTTP/1\.1" 202', log), log[-2000:]
+    assert 'nothing-here HTTP/1.1" 404' in log
+    assert not re.search(rf'"GET /jobs/{job_id} HTTP/1\.1" 200', log)
+    assert not re.search(r'"GET /jobs\?limit=100 HTTP/1\.1" 200', log)
+    assert f"/jobs/{job_id}/history" not in log
+
+
+# ------------------------------------------------------------------ uploads
+
+
+def _npy(a) -> bytes:
+    import io
+
+    import numpy as np
+
+    buf = io.BytesIO()
+    np.save(buf, np.asarray(a))
+    return buf.getvalue()
+
+
+def test_upload_names_its_file_and_takes_a_sample_shape(srv):
+    import numpy as np
+
+    X = np.random.default_rng(0).random((20, 16))
+    with srv.client() as http:
+        r = http.post(
+            "/datasets",
+            data={"name": "up1", "sample_shape": "4x4"},
+            files={"file": ("digits.npy", _npy(X))},
+        )
+        assert r.status_code == 201, r.text
+        d = r.json()
+        assert d["source"] == "upload:digits.npy (npy)", d
+        assert ".upload" not in d["source"]
+        assert d["sample_shape"] == [4, 4]
+        # a shape that does not hold one example's 16 values names the field
+        r = http.post(
+            "/datasets",
+            data={"name": "up2", "sample_shape": "5x5"},
+            files={"file": ("digits.npy", _npy(X))},
+        )
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", "sample_shape"]
+        r = http.post(
+            "/datasets",
+            data={"name": "up3", "sample_shape": "4 by 4"},
+            files={"file": ("digits.npy", _npy(X))},
+        )
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sample_shape"]
+        assert http.get("/datasets/up2").status_code == 404
