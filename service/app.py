@@ -56,6 +56,7 @@ from service.schemas import (
     JobStatus,
     Message,
     PhotographPatches,
+    ResumeRequest,
     ValidationFailed,
 )
 from service.settings import Settings
@@ -586,6 +587,34 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
             raise HTTPException(409, f"status: job {job_id} is {job.status} already")
         return job_out(job, runner)
 
+    @api.post(
+        "/jobs/{job_id}/resume",
+        response_model=JobOut,
+        status_code=202,
+        tags=["jobs"],
+        responses={**R404, **R409, **R422},
+    )
+    def resume(
+        job_id: JobId, store: StoreDep, runner: RunnerDep, body: ResumeRequest | None = None
+    ) -> JobOut:
+        """Continue a cancelled, failed or finished job from its last checkpoint, on the
+        trajectory of an uninterrupted run; `max_iter` extends a one-layer job."""
+        job = _found(store.get(job_id), job_id)
+        max_iter = body.max_iter if body is not None else None
+        problem = validation.resume_problem(job, max_iter)
+        if problem is not None:
+            field, status, msg = problem
+            if status == 422:
+                raise field_error(field, msg)
+            raise HTTPException(status, f"{field}: {msg}")
+        spec = {**job.spec, "max_iter": max_iter} if max_iter is not None else None
+        queued = store.resume(job_id, spec, max_iter)
+        if queued is None:  # its status changed meanwhile
+            job = _found(store.get(job_id), job_id)
+            raise HTTPException(409, f"status: job {job_id} is {job.status}")
+        runner.notify()
+        return job_out(queued, runner)
+
     @api.delete("/jobs/{job_id}", status_code=204, tags=["jobs"], responses={**R404})
     def delete_job(job_id: JobId, runner: RunnerDep) -> Response:
         """Cancel a job if needed and delete it with its artifacts."""
@@ -639,12 +668,16 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
         },
     )
     def model_npz(job_id: JobId, store: StoreDep, runner: RunnerDep) -> FileResponse:
-        """The trained model, as `sae train` writes it."""
+        """The trained model, as `sae train` writes it. A cancelled or failed job's model is
+        its last checkpoint, marked `X-SAE-Partial: true` (resume the job to finish it)."""
         job = _found(store.get(job_id), job_id)
-        if job.status != "succeeded":
-            raise HTTPException(404, f"model.npz: job {job_id} is {job.status}, not succeeded")
+        if job.status not in ("succeeded", "cancelled", "failed"):
+            raise HTTPException(404, f"model.npz: job {job_id} is {job.status}, not finished")
         path = _artifact(runner, store, job_id, "model.npz")
-        return FileResponse(path, media_type="application/octet-stream", filename="model.npz")
+        partial = {"X-SAE-Partial": "true"} if job.status != "succeeded" else {}
+        return FileResponse(
+            path, media_type="application/octet-stream", filename="model.npz", headers=partial
+        )
 
     @api.post(
         "/jobs/{job_id}/encode",

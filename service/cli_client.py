@@ -223,6 +223,21 @@ def register(main: click.Group) -> None:
 
     @main.command()
     @click.argument("job_id")
+    @click.option("--max-iter", type=click.IntRange(1), help="Extend a one-layer job to N.")
+    @click.option("--wait", "wait_", is_flag=True, help="Wait for the job with a progress bar.")
+    @url_option
+    @token_option
+    def resume(job_id, max_iter, wait_, url, token) -> None:
+        """Continue a cancelled, failed or finished job from its last checkpoint."""
+        api = _api(url, token)
+        body = {"max_iter": max_iter} if max_iter is not None else {}
+        j = api.call("POST", f"/jobs/{job_id}/resume", json=body).json()
+        click.echo(_job_line(j))
+        if wait_:
+            sys.exit(_wait(api, job_id, 1.0))
+
+    @main.command()
+    @click.argument("job_id")
     @click.argument("directory", type=click.Path(file_okay=False))
     @url_option
     @token_option
@@ -242,7 +257,9 @@ def register(main: click.Group) -> None:
             tmp = out / f".{name}.part"
             tmp.write_bytes(r.content)
             tmp.replace(out / name)
-            click.echo(f"{out / name} ({len(r.content)} bytes)")
+            partial = r.headers.get("X-SAE-Partial") == "true"
+            note = " (partial: the last checkpoint; sae resume finishes it)" if partial else ""
+            click.echo(f"{out / name} ({len(r.content)} bytes){note}")
 
 
 def _wait(api: _Api, job_id: str, interval: float) -> int:

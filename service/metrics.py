@@ -22,6 +22,27 @@ class _JobsCollector:
             "Jobs whose optimizer loop runs in this process",
             value=len(self.runner.running_ids()),
         )
+        figures = self.runner.training_figures()
+        for key, doc in (
+            ("iteration", "Last iteration of a running job (of its current stage)"),
+            ("cost", "Cost at the last iteration of a running job"),
+            ("evaluations", "Objective evaluations of a running job so far"),
+            ("iteration_seconds", "Seconds the last iteration of a running job took"),
+            ("samples_per_second", "Examples evaluated per second in the last iteration"),
+        ):
+            g = GaugeMetricFamily(f"sae_job_{key}", doc, labels=["job"])
+            for job_id, f in figures.items():
+                if f.get(key) is not None:
+                    g.add_metric([job_id], f[key])
+            yield g
+        cluster = self.runner.cluster_summary()
+        for key, doc in (
+            ("workers", "Dask workers connected"),
+            ("threads", "Dask worker threads in total"),
+            ("memory_limit_bytes", "Dask workers' memory limits in total"),
+        ):
+            if key in cluster:
+                yield GaugeMetricFamily(f"sae_cluster_{key}", doc, value=cluster[key])
 
 
 def new_registry() -> CollectorRegistry:

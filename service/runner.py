@@ -79,6 +79,8 @@ class _Active:
     cancel: threading.Event = field(default_factory=threading.Event)
     t0: float = field(default_factory=time.monotonic)
     first_done: int | None = None
+    rows: int = 0  # examples in the dataset (samples per evaluation)
+    last: dict[str, Any] = field(default_factory=dict)  # figures of the last iteration
 
 
 TrainFn = Callable[..., Any]
@@ -272,6 +274,12 @@ class Runner:
         with self._lock:
             return list(self._active)
 
+    def training_figures(self) -> dict[str, dict[str, Any]]:
+        """Per running job, the figures of its last iteration: ``iteration``, ``cost``,
+        ``evaluations``, ``iteration_seconds`` and ``samples_per_second`` (for /metrics)."""
+        with self._lock:
+            return {job_id: dict(a.last) for job_id, a in self._active.items() if a.last}
+
     # -- one job ----------------------------------------------------------------------------
 
     def _train_function(self) -> TrainFn:
@@ -281,7 +289,25 @@ class Runner:
             self._train_fn = train
         return self._train_fn
 
+    def _record_figures(self, active: _Active, entry: dict[str, Any]) -> None:
+        prev = active.last
+        seconds, evals = _num(entry, "seconds"), _num(entry, "evaluations")
+        figures: dict[str, Any] = {
+            "iteration": _num(entry, "iteration"),
+            "cost": _num(entry, "cost"),
+            "evaluations": evals,
+            "seconds": seconds,
+        }
+        if prev and seconds is not None and prev.get("seconds") is not None:
+            dt = seconds - prev["seconds"]
+            if dt > 0:
+                figures["iteration_seconds"] = dt
+                if evals is not None and prev.get("evaluations") is not None and active.rows:
+                    figures["samples_per_second"] = (evals - prev["evaluations"]) * active.rows / dt
+        active.last = figures
+
     def _on_iteration(self, active: _Active, spec: TrainSpec, entry: dict[str, Any]) -> None:
+        self._record_figures(active, entry)
         it = int(_num(entry, "iteration", "iter") or 0)
         label, before = stage_of(entry, spec)
         stage_max = spec.max_iter
@@ -314,7 +340,8 @@ class Runner:
         out_dir = self.job_dir(job.id)
         try:
             spec = TrainSpec(**job.spec)
-            path, _ = datasets.get_dataset(self.settings.data_root, spec.dataset)
+            path, info = datasets.get_dataset(self.settings.data_root, spec.dataset)
+            active.rows = int(info.shape[0])
             out_dir.mkdir(parents=True, exist_ok=True)
             resume = job.attempts > 1  # a checkpoint may exist: continue its trajectory
 

@@ -6,6 +6,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, Field
 
+from worker.spec import MAX_ITER
+
 JobStatus = Literal["queued", "running", "succeeded", "failed", "cancelled"]
 
 
@@ -107,6 +109,14 @@ class JobPage(BaseModel):
     total: int
     limit: int
     offset: int
+
+
+class ResumeRequest(BaseModel):
+    """How far to continue a job (default: to its own max_iter)."""
+
+    max_iter: int | None = Field(
+        None, ge=1, le=MAX_ITER, description="A new max_iter (one-layer jobs), to extend it"
+    )
 
 
 class EncodeRequest(BaseModel):

@@ -270,6 +270,43 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if n else None
         return Job.from_row(row) if row else None
 
+    def resume(
+        self, job_id: str, spec: dict[str, Any] | None = None, max_iter: int | None = None
+    ) -> Job | None:
+        """Queue a cancelled, failed or succeeded job again; it continues from its checkpoint.
+
+        Compare-and-set like :meth:`transition`. ``spec`` (a changed ``max_iter``) and
+        ``max_iter`` (of the first stage) replace the job's; its crash budget starts again
+        (``attempts`` is 1, so the next run resumes its checkpoint).
+
+        Returns
+        -------
+        job : Job or None
+            The queued job, or None if it is gone or not finished.
+        """
+        now = time.time()
+        sets = {
+            "status": "queued",
+            "updated_at": now,
+            "finished_at": None,
+            "eta_seconds": None,
+            "error": None,
+            "attempts": 1,
+        }
+        if spec is not None:
+            sets["spec"] = json.dumps(spec)
+        if max_iter is not None:
+            sets["max_iter"] = max_iter
+        cols = ", ".join(f"{k} = ?" for k in sets)
+        with self._tx() as db:
+            n = db.execute(
+                f"UPDATE jobs SET {cols} WHERE id = ? AND status IN"
+                " ('cancelled', 'failed', 'succeeded')",
+                [*sets.values(), job_id],
+            ).rowcount
+            row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if n else None
+        return Job.from_row(row) if row else None
+
     def claim_next(self) -> Job | None:
         """Move the oldest queued job to ``running`` and return it (None if none is queued)."""
         now = time.time()

@@ -124,3 +124,29 @@ def dataset_unused(store: JobStore, name: str) -> None:
     users = [j.id for j in jobs if j.spec.get("dataset") == name]
     if users:
         raise InUse(f"name: dataset {name!r} is used by active jobs {users}")
+
+
+def resume_problem(job, max_iter: int | None) -> tuple[str, int, str] | None:
+    """Why ``POST /jobs/ID/resume`` cannot continue ``job`` (to ``max_iter``), or None.
+
+    Returns
+    -------
+    problem : (field, HTTP status, message) or None
+    """
+    if job.status in ACTIVE:
+        return ("status", 409, f"job {job.id} is {job.status}: nothing to resume yet")
+    spec = TrainSpec(**job.spec)
+    if max_iter is not None:
+        if spec.is_deep:
+            return ("max_iter", 422, "a deep job's stages cannot be extended; resume it as is")
+        if max_iter < job.iteration:
+            return ("max_iter", 422, f"the job ran {job.iteration} iterations already")
+    target = max_iter if max_iter is not None else spec.max_iter
+    if job.status == "succeeded" and (spec.is_deep or target <= job.iteration):
+        return (
+            "status",
+            409,
+            f"job {job.id} finished at iteration {job.iteration}; give a larger max_iter "
+            "to train further",
+        )
+    return None

@@ -139,3 +139,32 @@ def test_api_docs_render_offline(tmp_path):
         assert "/jobs/{job_id}/encode" in dom
         redoc = chromium(f"{srv.url}/redoc", tmp_path / "profile2", budget_ms=8000)
         assert "/jobs/{job_id}/encode" in redoc, redoc[-2000:]
+
+
+def test_pages_fit_the_window_and_say_what_they_count(tmp_path):
+    """A 196-unit filter picture (1,628 px) is scaled to a 1,280 px window and enlarges on
+    click; the spec is a table; a deep job's iteration is per stage and its progress overall;
+    the curve's axis names the iterations it spans; the job list keeps one clock (UTC)."""
+    import numpy as np
+    from PIL import Image
+
+    write_tiny(tmp_path / "data", "tiny")
+    with Server(tmp_path / "data", tmp_path / "state", token=TOKEN) as srv, srv.client() as http:
+        spec = {"dataset": "tiny", "hidden": [6, 3], "max_iter": 3, "finetune_iter": 3}
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        assert wait_job(http, job_id)["status"] == "succeeded"
+        big = np.random.default_rng(0).integers(0, 255, (1628, 1628), dtype=np.uint8)
+        Image.fromarray(big).save(srv.state_dir / "jobs" / job_id / "filters.png")
+        url = f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}"
+        dom = chromium(url, tmp_path / "p1", "--window-size=1280,900", "--dump-dom")
+        img = re.search(r'<img[^>]*id="filters"[^>]*>', dom).group(0)
+        assert 'data-natural-width="1628"' in img, img
+        shown = int(re.search(r'data-shown-width="(\d+)"', img).group(1))
+        assert 200 <= shown <= 1280 - 64, img  # inside the page's margins
+        assert re.search(r'<tr data-field="hidden"><th>hidden</th><td>6, 3</td></tr>', dom)
+        assert _text(dom, "iteration-label") == "Iteration in this stage"
+        assert _text(dom, "progress-label") == "Progress of all stages"
+        assert re.search(r">iteration 0–\d+<", dom) and "iteration (" not in dom
+        index = chromium(f"{srv.url}/?token={TOKEN}", tmp_path / "p2", budget_ms=3000)
+        updated = _text(index, "updated")
+        assert re.search(r"updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$", updated), updated

@@ -206,3 +206,93 @@ def test_upload_names_its_file_and_takes_a_sample_shape(srv):
         )
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "sample_shape"]
         assert http.get("/datasets/up2").status_code == 404
+
+
+# ------------------------------------------------------------------ artifacts and continuation
+
+
+def _model(http, job_id):
+    import io
+
+    import numpy as np
+
+    r = http.get(f"/jobs/{job_id}/model.npz")
+    assert r.status_code == 200, r.text
+    with np.load(io.BytesIO(r.content)) as z:
+        return {k: z[k] for k in z.files if k != "spec"}, r.headers.get("X-SAE-Partial")
+
+
+def test_resume_extends_a_finished_job_on_the_uninterrupted_trajectory(srv):
+    import numpy as np
+
+    spec = {**SMALL, "seed": 7}
+    with srv.client() as http:
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        assert wait_job(http, job_id)["status"] == "succeeded"
+        # nothing to do, or a max_iter below what it ran: refused, naming why
+        r = http.post(f"/jobs/{job_id}/resume")
+        assert r.status_code == 409 and "finished at iteration 3" in r.json()["detail"], r.text
+        r = http.post(f"/jobs/{job_id}/resume", json={"max_iter": 2})
+        assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_iter"]
+        assert http.post("/jobs/0123456789abcdef/resume").status_code == 404
+    res = CliRunner().invoke(sae, ["resume", job_id, "--max-iter", "6", "--wait", "--url", srv.url])
+    assert res.exit_code == 0, res.output
+    with srv.client() as http:
+        job = http.get(f"/jobs/{job_id}").json()
+        assert job["status"] == "succeeded" and job["iteration"] == 6 and job["max_iter"] == 6
+        assert job["spec"]["max_iter"] == 6
+        history = http.get(f"/jobs/{job_id}/history").json()
+        straight = http.post("/jobs", json={**spec, "max_iter": 6}).json()["id"]
+        assert wait_job(http, straight)["status"] == "succeeded"
+        ref = http.get(f"/jobs/{straight}/history").json()
+        assert [e["iteration"] for e in history] == list(range(7))
+        assert [e["cost"] for e in history] == [e["cost"] for e in ref]
+        (ext, partial), (st, _) = _model(http, job_id), _model(http, straight)
+        assert partial is None
+        assert all(np.array_equal(ext[k], st[k]) for k in ("W1", "b1", "W2", "b2"))
+
+
+def test_a_cancelled_job_gives_its_checkpoint_back_and_resumes(srv, tmp_path):
+    spec = {**SMALL, "max_iter": 100000, "optimizer": "gd", "seed": 8}
+    with srv.client() as http:
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        wait_job(http, job_id, lambda j: j["status"] == "running" and j["iteration"] >= 2)
+        assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+        wait_job(http, job_id)
+        model, partial = _model(http, job_id)
+        assert partial == "true" and model["W1"].shape == (4, 16)
+        res = CliRunner().invoke(sae, ["download", job_id, str(tmp_path / "d"), "--url", srv.url])
+        assert res.exit_code == 0 and "partial" in res.output, res.output
+        stopped_at = http.get(f"/jobs/{job_id}").json()["iteration"]
+        r = http.post(f"/jobs/{job_id}/resume")
+        assert r.status_code == 202 and r.json()["status"] in ("queued", "running"), r.text
+        assert http.post(f"/jobs/{job_id}/resume").status_code == 409  # not finished yet
+        job = wait_job(http, job_id, lambda j: j["iteration"] >= stopped_at + 2)
+        assert job["status"] == "running"
+        hist = http.get(f"/jobs/{job_id}/history").json()
+        assert [e["iteration"] for e in hist] == list(range(len(hist)))  # one trajectory
+        assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
+
+
+def test_metrics_show_a_running_job_and_the_cluster(srv):
+    spec = {**SMALL, "max_iter": 100000, "optimizer": "gd", "seed": 9}
+    with srv.client() as http:
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        try:
+            wait_job(http, job_id, lambda j: j["status"] == "running" and j["iteration"] >= 3)
+            text = http.get("/metrics").text
+        finally:
+            http.post(f"/jobs/{job_id}/cancel")
+
+    def value(name: str) -> float:
+        m = re.search(rf'^{name}\{{job="{job_id}"\}} (\S+)$', text, re.M)
+        assert m, f"{name} for {job_id} missing"
+        return float(m.group(1))
+
+    assert value("sae_job_iteration") >= 2
+    assert value("sae_job_evaluations") >= 2
+    assert value("sae_job_iteration_seconds") > 0
+    assert value("sae_job_samples_per_second") > 0
+    assert value("sae_job_cost") > 0
+    assert re.search(r"^sae_cluster_workers 1\.0$", text, re.M)
+    assert re.search(r"^sae_cluster_threads 1\.0$", text, re.M)

@@ -21,7 +21,8 @@
       document.querySelector("#datasets tbody").replaceChildren(...ds.map((d) => el("tr", {},
         el("td", {}, d.name), el("td", {}, d.shape.join(" × ")), el("td", {}, d.dtype),
         el("td", {}, d.sample_shape ? d.sample_shape.join(" × ") : "–"), el("td", {}, d.bytes))));
-      document.getElementById("updated").textContent = page.total + " jobs · updated " + new Date().toLocaleTimeString();
+      // one clock on the page: UTC, as the job times
+      document.getElementById("updated").textContent = page.total + " jobs · updated " + when(Date.now() / 1000);
       document.getElementById("error").textContent = "";
     } catch (e) {
       document.getElementById("error").textContent = String(e.message || e);

@@ -16,7 +16,14 @@
     img.dataset.naturalWidth = String(img.naturalWidth);
     img.dataset.naturalHeight = String(img.naturalHeight);
     $("filters-size").textContent = img.naturalWidth + " × " + img.naturalHeight + " px";
-    if (!img.style.width) img.style.width = Math.max(240, img.naturalWidth) + "px";
+    // small pictures are drawn at least 240 px wide, large ones scaled down to the page (CSS
+    // max-width); a click shows the picture at its own size, another click fits it again
+    img.style.width = Math.max(240, img.naturalWidth) + "px";
+    img.dataset.shownWidth = String(Math.round(img.getBoundingClientRect().width));
+  });
+  img.addEventListener("click", () => {
+    img.classList.toggle("zoomed");
+    img.dataset.shownWidth = String(Math.round(img.getBoundingClientRect().width));
   });
 
   function drawCurve(history) {
@@ -65,8 +72,10 @@
     axis.setAttribute("d", `M${pad},${pad} V${H - pad} H${W - pad}`);
     axis.setAttribute("stroke", "#888"); axis.setAttribute("fill", "none");
     const label = (x, y, text) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "11"); t.textContent = text; return t; };
+    const first = entries[0].iteration ?? 0, last = entries[n - 1].iteration ?? n - 1;
+    svg.dataset.lastIteration = String(last);
     svg.append(axis, ...lines, label(2, pad, fmt(10 ** hi, 3)), label(2, H - pad, fmt(10 ** lo, 3)),
-      label(W / 2 - 30, H - 10, "iteration (" + n + ")"));
+      label(W / 2 - 40, H - 10, "iteration " + first + "–" + last));
   }
 
   async function refresh() {
@@ -76,6 +85,9 @@
       $("status").className = "status " + j.status;
       document.body.dataset.status = j.status;
       $("stage").textContent = j.stage || "–";
+      // a deep job's iteration counts within its stage; the progress is of the whole job
+      $("iteration-label").textContent = j.stage ? "Iteration in this stage" : "Iteration";
+      $("progress-label").textContent = j.stage ? "Progress of all stages" : "Progress";
       $("iteration").textContent = j.iteration;
       $("max-iter").textContent = j.max_iter;
       $("progress").textContent = (100 * j.progress).toFixed(1) + "%";
@@ -84,7 +96,8 @@
       $("cost").textContent = fmt(j.cost, 6);
       $("grad-norm").textContent = fmt(j.grad_norm, 4);
       $("times").textContent = [j.created_at, j.started_at, j.finished_at].map(when).join(" / ");
-      $("spec").textContent = JSON.stringify(j.spec);
+      $("spec").tBodies[0].replaceChildren(...Object.entries(j.spec).map(([k, v]) =>
+        el("tr", { "data-field": k }, el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v)))));
       $("job-error").textContent = j.error || "–";
       if (j.dashboard_url) { $("dashboard").href = j.dashboard_url; $("dashboard").textContent = j.dashboard_url; }
       $("cancel").disabled = !["queued", "running"].includes(j.status);
