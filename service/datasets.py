@@ -305,7 +305,7 @@ def ingest_upload(
         except (DatasetError, ValueError) as exc:
             if dest.exists():  # another process made it meanwhile
                 raise Exists(f"name: a dataset named {name!r} exists already") from None
-            msg = str(exc).replace(str(src), "upload").replace(str(dest), repr(name))
+            msg = str(exc).replace(str(src), "the upload").replace(str(dest), repr(name))
             field = "sample_shape" if msg.startswith("sample_shape") else "file"
             raise ValueError(msg if msg.startswith(field) else f"file: {msg}") from None
         finally:

@@ -8,6 +8,7 @@ bodies carry the cleaned ``msg`` and every client joins ``loc: msg``.
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
@@ -37,12 +38,18 @@ def clean_message(field: str | Sequence[str], msg: str) -> str:
     return msg
 
 
+#: pydantic's names of the branches of a union (``hidden.int``, ``hidden.list[int]``): not fields
+_BRANCH = re.compile(r"^((int|float|str|bool|none|list|dict|tuple)(\[.*\])?|function-.*)$")
+
+
 def field_name(loc: Sequence[Any], skip_body: bool = True) -> str:
-    """The dotted field of a pydantic ``loc`` (``("body", "hidden", 1)`` -> ``hidden.1``)."""
+    """The dotted field of a pydantic ``loc`` (``("body", "hidden", 1)`` -> ``hidden.1``), without
+    the names pydantic gives the branches of a union (``("body", "hidden", "list[int]")`` ->
+    ``hidden``)."""
     parts = list(loc)
     if skip_body and parts and parts[0] in ("body", "query", "path", "header"):
         parts = parts[1:]
-    return ".".join(str(p) for p in parts)
+    return ".".join(str(p) for p in parts if not (isinstance(p, str) and _BRANCH.match(p)))
 
 
 def clean_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
@@ -58,9 +65,13 @@ def clean_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
 
 
 def describe_errors(errors: Iterable[Mapping[str, Any]], dash: bool = False) -> str:
-    """``"field: message; field: message"`` (``dash``: ``max-iter`` as on the command line)."""
-    parts = []
+    """``"field: message; field: message"`` (``dash``: ``max-iter`` as on the command line);
+    the branches of a union field are said as one: ``hidden: Input should be a valid integer,
+    or Input should be a valid list``."""
+    by_field: dict[str, list[str]] = {}
     for err in clean_errors(errors):
         name = field_name(err.get("loc") or ()) or "spec"
-        parts.append(f"{name.replace('_', '-') if dash else name}: {err['msg']}")
-    return "; ".join(parts)
+        msgs = by_field.setdefault(name.replace("_", "-") if dash else name, [])
+        if err["msg"] not in msgs:
+            msgs.append(err["msg"])
+    return "; ".join(f"{name}: {', or '.join(msgs)}" for name, msgs in by_field.items())

@@ -359,6 +359,16 @@ class Runner:
                 **({"plan": self.settings.plan} if self.settings.plan != "auto" else {}),
             )
             status = getattr(result, "status", "succeeded")
+            iterations = getattr(result, "iterations", None)
+            if not spec.is_deep and isinstance(iterations, int):
+                # the last checkpoint's figures: a cancelled job's optimizer may have done a few
+                # iterations after the cancel reached the store (and stopped recording them)
+                self.store.update_progress(
+                    job.id,
+                    statuses=("running", "cancelled"),
+                    iteration=iterations,
+                    cost=getattr(result, "final_cost", None),
+                )
             if status == "succeeded":
                 self.store.transition(job.id, ["running"], "succeeded", progress=1.0)
             elif active.cancel.is_set():

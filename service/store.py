@@ -284,10 +284,9 @@ class JobStore:
         job : Job or None
             The queued job, or None if it is gone or not finished.
         """
-        now = time.time()
-        sets = {
+        sets: dict[str, Any] = {
             "status": "queued",
-            "updated_at": now,
+            "updated_at": time.time(),
             "finished_at": None,
             "eta_seconds": None,
             "error": None,
@@ -295,14 +294,17 @@ class JobStore:
         }
         if spec is not None:
             sets["spec"] = json.dumps(spec)
-        if max_iter is not None:
-            sets["max_iter"] = max_iter
-        cols = ", ".join(f"{k} = ?" for k in sets)
+        assignments = [f"{k} = ?" for k in sets]
+        params = list(sets.values())
+        if max_iter is not None:  # the progress of the iterations done, of the new total
+            assignments += ["max_iter = ?", "progress = MIN(1.0, CAST(iteration AS REAL) / ?)"]
+            params += [max_iter, max_iter]
+        cols = ", ".join(assignments)
         with self._tx() as db:
             n = db.execute(
                 f"UPDATE jobs SET {cols} WHERE id = ? AND status IN"
                 " ('cancelled', 'failed', 'succeeded')",
-                [*sets.values(), job_id],
+                [*params, job_id],
             ).rowcount
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if n else None
         return Job.from_row(row) if row else None
@@ -325,18 +327,24 @@ class JobStore:
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (row["id"],)).fetchone()
         return Job.from_row(row)
 
-    def update_progress(self, job_id: str, **fields: Any) -> bool:
-        """Record iteration, cost, gradient norm, stage, progress or ETA of a running job."""
+    def update_progress(
+        self, job_id: str, statuses: Iterable[str] = ("running",), **fields: Any
+    ) -> bool:
+        """Record iteration, cost, gradient norm, stage, progress or ETA of a running job (or
+        of a job in one of ``statuses``: a cancelled job's last checkpoint is written after
+        the cancel)."""
         bad = set(fields) - set(_PROGRESS_FIELDS)
         if bad:
             raise ValueError(f"fields: not progress fields: {sorted(bad)}")
+        statuses = list(statuses)
         fields["updated_at"] = time.time()
         cols = ", ".join(f"{k} = ?" for k in fields)
         with self._tx() as db:
             return (
                 db.execute(
-                    f"UPDATE jobs SET {cols} WHERE id = ? AND status = 'running'",
-                    [*fields.values(), job_id],
+                    f"UPDATE jobs SET {cols} WHERE id = ? AND status IN"
+                    f" ({','.join('?' * len(statuses))})",
+                    [*fields.values(), job_id, *statuses],
                 ).rowcount
                 > 0
             )

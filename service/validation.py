@@ -147,6 +147,6 @@ def resume_problem(job, max_iter: int | None) -> tuple[str, int, str] | None:
             "status",
             409,
             f"job {job.id} finished at iteration {job.iteration}; give a larger max_iter "
-            "to train further",
+            "(sae resume ID --max-iter N) to train further",
         )
     return None

@@ -163,7 +163,9 @@ def test_cancel_stops_within_an_evaluation(server, http):
     again = http.post(f"/jobs/{job_id}/cancel")
     assert again.status_code == 200 and again.json()["status"] == "cancelled"
     assert http.get(f"/jobs/{job_id}").json()["status"] == "cancelled"
-    assert http.get(f"/jobs/{job_id}/model.npz").status_code == 404
+    # its last checkpoint comes back, marked partial (issue 10)
+    r = http.get(f"/jobs/{job_id}/model.npz")
+    assert r.status_code == 200 and r.headers["X-SAE-Partial"] == "true"
 
 
 def test_queued_jobs_run_in_order_and_delete(server, http):
@@ -433,4 +435,5 @@ def test_a_failing_job_reports_its_error(http, server):
     job = wait_job(http, job_id)
     assert job["status"] == "failed"
     assert "chunk 1" in job["error"], job["error"]
+    # it failed before its first checkpoint: there is no model to give back
     assert http.get(f"/jobs/{job_id}/model.npz").status_code == 404

@@ -46,6 +46,13 @@ def test_clean_message_strips_repeated_field_and_pydantic_prefixes():
     assert clean_message("rho", "Input should be less than 1") == "Input should be less than 1"
     errors = [{"loc": ("body", "hidden", 1), "msg": "Value error, hidden: must be >= 1"}]
     assert describe_errors(errors) == "hidden.1: must be >= 1"
+    union = [  # pydantic's errors for each branch of `int | list[int]`
+        {"loc": ("body", "hidden", "int"), "msg": "Input should be a valid integer"},
+        {"loc": ("body", "hidden", "list[int]"), "msg": "Input should be a valid list"},
+    ]
+    assert describe_errors(union) == (
+        "hidden: Input should be a valid integer, or Input should be a valid list"
+    )
 
 
 def test_submit_on_a_missing_dataset_names_the_field_once(srv, tmp_path):
@@ -199,6 +206,8 @@ def test_upload_names_its_file_and_takes_a_sample_shape(srv):
         )
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", "sample_shape"]
+        msg = r.json()["detail"][0]["msg"]
+        assert msg == "5x5 makes 25 values, but each example of the upload has 16 features", msg
         r = http.post(
             "/datasets",
             data={"name": "up3", "sample_shape": "4 by 4"},
@@ -235,7 +244,10 @@ def test_resume_extends_a_finished_job_on_the_uninterrupted_trajectory(srv):
         r = http.post(f"/jobs/{job_id}/resume", json={"max_iter": 2})
         assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "max_iter"]
         assert http.post("/jobs/0123456789abcdef/resume").status_code == 404
-    res = CliRunner().invoke(sae, ["resume", job_id, "--max-iter", "6", "--wait", "--url", srv.url])
+    with srv.client() as http:  # queued again: 3 of 6 iterations done
+        r = http.post(f"/jobs/{job_id}/resume", json={"max_iter": 6})
+        assert r.status_code == 202 and r.json()["progress"] == 0.5, r.text
+    res = CliRunner().invoke(sae, ["wait", job_id, "--interval", "0.2", "--url", srv.url])
     assert res.exit_code == 0, res.output
     with srv.client() as http:
         job = http.get(f"/jobs/{job_id}").json()
@@ -259,6 +271,15 @@ def test_a_cancelled_job_gives_its_checkpoint_back_and_resumes(srv, tmp_path):
         wait_job(http, job_id, lambda j: j["status"] == "running" and j["iteration"] >= 2)
         assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
         wait_job(http, job_id)
+        # the job's record catches up with its last checkpoint (a few iterations can run
+        # between the cancel and the optimizer seeing it)
+        deadline = time.monotonic() + 30
+        while True:
+            last = http.get(f"/jobs/{job_id}/history").json()[-1]["iteration"]
+            if http.get(f"/jobs/{job_id}").json()["iteration"] == last:
+                break
+            assert time.monotonic() < deadline, "the job's iteration never reached its history"
+            time.sleep(0.2)
         model, partial = _model(http, job_id)
         assert partial == "true" and model["W1"].shape == (4, 16)
         res = CliRunner().invoke(sae, ["download", job_id, str(tmp_path / "d"), "--url", srv.url])

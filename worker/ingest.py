@@ -265,7 +265,8 @@ def ingest_idx(
         sample_shape = tuple(int(d) for d in sample_shape)
         if math.prod(sample_shape) != n or min(sample_shape, default=0) < 1:
             raise ValueError(
-                f"sample_shape: {sample_shape} does not hold the {n} values of one example"
+                f"sample_shape: {'x'.join(map(str, sample_shape))} makes "
+                f"{math.prod(sample_shape)} values, but each example of {src} has {n} features"
             )
         item = sample_shape
     if item_dtype == np.uint8:
@@ -386,7 +387,10 @@ def ingest_npy(
     if sample_shape is not None:
         sample_shape = tuple(int(d) for d in sample_shape)
         if math.prod(sample_shape) != n:
-            raise ValueError(f"sample_shape: {sample_shape} does not hold {n} features of {src}")
+            raise ValueError(
+                f"sample_shape: {'x'.join(map(str, sample_shape))} makes "
+                f"{math.prod(sample_shape)} values, but each example of {src} has {n} features"
+            )
     elif len(item) > 1:
         sample_shape = item
     if dtype is None:
