@@ -5,43 +5,31 @@ from __future__ import annotations
 
 import json
 import sys
-import time
-from pathlib import Path
 from typing import Any
 
 import click
 
-from service.errors import describe_errors
-
-DEFAULT_URL = "http://127.0.0.1:8000"
-ARTIFACTS = ("model.npz", "history.json", "filters.png", "cost.png")
+from service.client import DEFAULT_URL, Client, ServiceError
 
 
 class _Api:
-    """A tiny HTTP client of the service."""
+    """:class:`service.client.Client` with its errors as CLI messages (``Error: 422: ...``)."""
 
     def __init__(self, url: str, token: str | None, timeout: float = 30.0):
-        import httpx
+        self.client = Client(url, token, timeout)
 
-        headers = {"Authorization": f"Bearer {token}"} if token else {}
-        self.http = httpx.Client(base_url=url.rstrip("/"), headers=headers, timeout=timeout)
+    def __getattr__(self, name: str):
+        method = getattr(self.client, name)
+        if not callable(method):
+            return method
 
-    def call(self, method: str, path: str, **kw: Any) -> Any:
-        import httpx
-
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise click.ClickException(f"cannot reach {self.http.base_url}: {exc}") from None
-        if r.status_code >= 400:
+        def call(*args, **kwargs):
             try:
-                detail = r.json().get("detail", r.text)
-            except ValueError:
-                detail = r.text
-            if isinstance(detail, list):
-                detail = describe_errors(detail)
-            raise click.ClickException(f"{r.status_code}: {detail}")
-        return r
+                return method(*args, **kwargs)
+            except ServiceError as exc:
+                raise click.ClickException(str(exc)) from None
+
+        return call
 
 
 def _api(ctx_url: str, token: str | None) -> _Api:
@@ -152,9 +140,8 @@ def register(main: click.Group) -> None:
             spec = json.load(spec_file)
         except json.JSONDecodeError as exc:
             raise click.ClickException(f"{spec_file.name}: not JSON ({exc})") from None
-        headers = {"Idempotency-Key": idempotency_key} if idempotency_key else {}
         api = _api(url, token)
-        job = api.call("POST", "/jobs", json=spec, headers=headers).json()
+        job = api.submit(spec, idempotency_key=idempotency_key)
         click.echo(job["id"])
         if wait_:
             sys.exit(_wait(api, job["id"], 1.0))
@@ -173,10 +160,7 @@ def register(main: click.Group) -> None:
     @token_option
     def jobs(statuses, limit, offset, as_json, url, token) -> None:
         """List jobs, newest first."""
-        params: dict[str, Any] = {"limit": limit, "offset": offset}
-        if statuses:
-            params["status"] = list(statuses)
-        page = _api(url, token).call("GET", "/jobs", params=params).json()
+        page = _api(url, token).jobs(statuses, limit=limit, offset=offset)
         if as_json:
             click.echo(json.dumps(page, indent=2))
             return
@@ -191,7 +175,7 @@ def register(main: click.Group) -> None:
     @token_option
     def status(job_id, as_json, url, token) -> None:
         """Show a job's status and progress."""
-        j = _api(url, token).call("GET", f"/jobs/{job_id}").json()
+        j = _api(url, token).job(job_id)
         if as_json:
             click.echo(json.dumps(j, indent=2))
             return
@@ -218,7 +202,7 @@ def register(main: click.Group) -> None:
     @token_option
     def cancel(job_id, url, token) -> None:
         """Cancel a queued or running job."""
-        j = _api(url, token).call("POST", f"/jobs/{job_id}/cancel").json()
+        j = _api(url, token).cancel(job_id)
         click.echo(_job_line(j))
 
     @main.command()
@@ -230,8 +214,7 @@ def register(main: click.Group) -> None:
     def resume(job_id, max_iter, wait_, url, token) -> None:
         """Continue a cancelled, failed or finished job from its last checkpoint."""
         api = _api(url, token)
-        body = {"max_iter": max_iter} if max_iter is not None else {}
-        j = api.call("POST", f"/jobs/{job_id}/resume", json=body).json()
+        j = api.resume(job_id, max_iter)
         click.echo(_job_line(j))
         if wait_:
             sys.exit(_wait(api, job_id, 1.0))
@@ -243,23 +226,10 @@ def register(main: click.Group) -> None:
     @token_option
     def download(job_id, directory, url, token) -> None:
         """Download a job's model.npz, history.json, filters.png and cost.png into DIRECTORY."""
-        api = _api(url, token)
-        out = Path(directory)
-        out.mkdir(parents=True, exist_ok=True)
-        paths = {
-            "model.npz": f"/jobs/{job_id}/model.npz",
-            "history.json": f"/jobs/{job_id}/history",
-            "filters.png": f"/jobs/{job_id}/filters.png",
-            "cost.png": f"/jobs/{job_id}/cost.png",
-        }
-        for name, path in paths.items():
-            r = api.call("GET", path)
-            tmp = out / f".{name}.part"
-            tmp.write_bytes(r.content)
-            tmp.replace(out / name)
-            partial = r.headers.get("X-SAE-Partial") == "true"
-            note = " (partial: the last checkpoint; sae resume finishes it)" if partial else ""
-            click.echo(f"{out / name} ({len(r.content)} bytes){note}")
+        files = _api(url, token).download(job_id, directory)
+        for f in files.values():
+            note = " (partial: the last checkpoint; sae resume finishes it)" if f["partial"] else ""
+            click.echo(f"{f['path']} ({f['bytes']} bytes){note}")
 
 
 def _wait(api: _Api, job_id: str, interval: float) -> int:
@@ -274,19 +244,18 @@ def _wait(api: _Api, job_id: str, interval: float) -> int:
         file=sys.stderr,
         bar_format="{desc}: {percentage:5.1f}%|{bar}| [{elapsed}<{remaining}{postfix}]",
     )
+
+    def show(j: dict[str, Any]) -> None:
+        bar.n = round(100 * j["progress"], 1)
+        post = {"status": j["status"], "it": f"{j['iteration']}/{j['max_iter']}"}
+        if j.get("stage"):
+            post["stage"] = j["stage"]
+        if j.get("cost") is not None:
+            post["cost"] = f"{j['cost']:.5g}"
+        bar.set_postfix(post, refresh=True)
+
     try:
-        while True:
-            j = api.call("GET", f"/jobs/{job_id}").json()
-            bar.n = round(100 * j["progress"], 1)
-            post = {"status": j["status"], "it": f"{j['iteration']}/{j['max_iter']}"}
-            if j.get("stage"):
-                post["stage"] = j["stage"]
-            if j.get("cost") is not None:
-                post["cost"] = f"{j['cost']:.5g}"
-            bar.set_postfix(post, refresh=True)
-            if j["status"] in ("succeeded", "failed", "cancelled"):
-                break
-            time.sleep(interval)
+        j = api.wait(job_id, interval=interval, on_update=show)
     finally:
         bar.close()
     click.echo(_job_line(j))

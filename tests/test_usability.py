@@ -317,3 +317,45 @@ def test_metrics_show_a_running_job_and_the_cluster(srv):
     assert value("sae_job_cost") > 0
     assert re.search(r"^sae_cluster_workers 1\.0$", text, re.M)
     assert re.search(r"^sae_cluster_threads 1\.0$", text, re.M)
+
+
+# ------------------------------------------------------------------ the Python client
+
+
+def test_python_client_runs_a_job_end_to_end(srv, tmp_path):
+    import numpy as np
+
+    from service.client import Client, ServiceError
+    from worker.spec import TrainSpec
+
+    X = np.random.default_rng(3).random((30, 16))
+    np.save(tmp_path / "rows.npy", X)
+    with Client(srv.url) as sae_api:
+        assert sae_api.health()["status"] == "ok"
+        d = sae_api.upload("client-up", tmp_path / "rows.npy", sample_shape=(4, 4))
+        assert d["sample_shape"] == [4, 4]
+        assert "client-up" in [x["name"] for x in sae_api.datasets()]
+        job = sae_api.submit(TrainSpec(dataset="p", hidden=4, max_iter=3, seed=11))
+        seen: list[int] = []
+        job = sae_api.wait(job["id"], interval=0.1, on_update=lambda j: seen.append(j["iteration"]))
+        assert job["status"] == "succeeded" and seen[-1] == 3
+        assert [e["iteration"] for e in sae_api.history(job["id"])] == [0, 1, 2, 3]
+        files = sae_api.download(job["id"], tmp_path / "out")
+        assert set(files) == {"model.npz", "history.json", "filters.png", "cost.png"}
+        assert not any(f["partial"] for f in files.values())
+        hidden, recon = sae_api.encode(job["id"], X[:5])
+        assert hidden.shape == (5, 4) and recon.shape == (5, 16)
+        assert job["id"] in [j["id"] for j in sae_api.jobs(["succeeded"], limit=100)["items"]]
+        with pytest.raises(ServiceError) as err:
+            sae_api.submit({**SMALL, "dataset": "nope"})
+        assert err.value.status == 422 and str(err.value) == "422: dataset: no dataset named 'nope'"
+        with pytest.raises(ServiceError) as err:
+            sae_api.resume(job["id"])
+        assert err.value.status == 409
+        sae_api.delete(job["id"])
+        with pytest.raises(ServiceError) as err:
+            sae_api.job(job["id"])
+        assert err.value.status == 404
+    with Client("http://127.0.0.1:9") as nobody, pytest.raises(ServiceError) as err:
+        nobody.health()
+    assert err.value.status == 0 and "cannot reach" in err.value.message
