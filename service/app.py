@@ -65,6 +65,8 @@ from worker.spec import TrainSpec
 
 log = logging.getLogger("sae.service")
 STATIC = Path(__file__).parent / "static"
+#: BokehJS as the installed bokeh package ships it (the job page's plots; no CDN).
+BOKEHJS = Path(__import__("bokeh").__file__).parent / "server" / "static"
 
 R401 = {401: {"model": Message, "description": "Missing or wrong bearer token"}}
 R404 = {404: {"model": Message, "description": "No such job or dataset"}}
@@ -709,5 +711,6 @@ def create_app(settings: Settings | None = None, train_fn=None) -> FastAPI:
     app.include_router(public)
     app.include_router(api)
     app.include_router(assets)
+    app.mount("/static/bokeh", StaticFiles(directory=BOKEHJS), name="bokehjs")
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
     return app

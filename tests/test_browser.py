@@ -54,6 +54,15 @@ def chromium(url: str, profile, *args: str, budget_ms: int = 6000) -> str:
     return out.decode()
 
 
+def _pixels_near(png, rgb: tuple[int, int, int], tol: int = 40) -> int:
+    """How many pixels of a screenshot are within ``tol`` of the colour ``rgb``."""
+    import numpy as np
+    from PIL import Image
+
+    a = np.asarray(Image.open(png).convert("RGB"), dtype=np.int32)
+    return int(np.sum(np.all(np.abs(a - np.array(rgb)) <= tol, axis=-1)))
+
+
 def _text(dom: str, element_id: str) -> str:
     m = re.search(rf'id="{element_id}"[^>]*>([^<]*)<', dom)
     assert m, f"no element #{element_id} in the page"
@@ -80,10 +89,14 @@ def test_job_page_shows_a_running_job(tmp_path):
         assert m, dom[-2000:]
         width = re.search(r'data-natural-width="(\d+)"', m.group(0))
         assert width and int(width.group(1)) > 0, m.group(0)
-        # the cost curve is drawn from the history
-        curve = re.search(r'<svg[^>]*id="curve"[^>]*data-points="(\d+)"', dom)
-        assert curve and int(curve.group(1)) >= 2
-        assert "polyline" in dom
+        # the cost, gradient-norm and samples/s plots are drawn by BokehJS from the history
+        curve = re.search(r'<div[^>]*id="curve"[^>]*>', dom)
+        assert curve, dom[-2000:]
+        assert 'data-rendered="true"' in curve.group(0) and 'data-scale="log"' in curve.group(0)
+        assert int(re.search(r'data-points="(\d+)"', curve.group(0)).group(1)) >= 2
+        assert 'data-stages="training"' in curve.group(0)
+        assert _text(dom, "evaluations") not in ("", "–")
+        assert re.fullmatch(r"[\d.e+]+", _text(dom, "samples-per-second")), dom[-3000:]
         # the Dask dashboard is linked
         assert re.search(r'id="dashboard" href="http://[^"#]+"', dom)
 
@@ -96,9 +109,9 @@ def test_job_page_shows_a_running_job(tmp_path):
             f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}",
             tmp_path / "profile3",
             f"--screenshot={shot}",
-            "--window-size=1100,900",
+            "--window-size=1100,2000",
         )
-        assert shot.stat().st_size > 0
+        assert _pixels_near(shot, (0x1F, 0x77, 0xB4)) > 100  # the plots' lines were painted
         assert http.post(f"/jobs/{job_id}/cancel").json()["status"] == "cancelled"
 
 
@@ -110,15 +123,19 @@ def test_long_history_and_a_deleted_job(tmp_path):
         assert wait_job(http, job_id)["status"] == "succeeded"
         # a history far longer than Math.min(...array) can take as arguments
         n = 300_000
-        entries = ",".join(f'{{"iteration":{i},"cost":{1.0 + 1.0 / (i + 1)}}}' for i in range(n))
+        entries = ",".join(
+            f'{{"iteration":{i},"cost":{1.0 + 1.0 / (i + 1)},"val_cost":{1.1 + 1.0 / (i + 1)}}}'
+            for i in range(n)
+        )
         (srv.state_dir / "jobs" / job_id / "history.json").write_text(f"[{entries}]")
         dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "profile")
-        curve = re.search(r'<svg[^>]*id="curve"[^>]*>', dom)
+        curve = re.search(r'<div[^>]*id="curve"[^>]*>', dom)
         assert curve, dom[-2000:]
         assert f'data-points="{n}"' in curve.group(0)
         drawn = int(re.search(r'data-drawn="(\d+)"', curve.group(0)).group(1))
         assert 2 <= drawn <= 1001
-        assert "polyline" in dom and _text(dom, "error") == ""
+        assert 'data-rendered="true"' in curve.group(0) and _text(dom, "error") == ""
+        assert 'data-validation="true"' in curve.group(0)  # a dashed validation line too
 
         # a job that does not exist (or was deleted): the page says so and stops polling
         assert http.delete(f"/jobs/{job_id}").status_code == 204
@@ -143,8 +160,9 @@ def test_api_docs_render_offline(tmp_path):
 
 def test_pages_fit_the_window_and_say_what_they_count(tmp_path):
     """A 196-unit filter picture (1,628 px) is scaled to a 1,280 px window and enlarges on
-    click; the spec is a table; a deep job's iteration is per stage and its progress overall;
-    the curve's axis names the iterations it spans; the job list keeps one clock (UTC)."""
+    click; the spec is a table; a deep job's iteration is per stage and its progress overall,
+    and its plots have a line per stage; ?scale=linear draws linear axes; the job list keeps
+    one clock (UTC)."""
     import numpy as np
     from PIL import Image
 
@@ -164,7 +182,12 @@ def test_pages_fit_the_window_and_say_what_they_count(tmp_path):
         assert re.search(r'<tr data-field="hidden"><th>hidden</th><td>6, 3</td></tr>', dom)
         assert _text(dom, "iteration-label") == "Iteration in this stage"
         assert _text(dom, "progress-label") == "Progress of all stages"
-        assert re.search(r">iteration 0–\d+<", dom) and "iteration (" not in dom
+        curve = re.search(r'<div[^>]*id="curve"[^>]*>', dom).group(0)
+        stages = re.search(r'data-stages="([^"]*)"', curve).group(1).split("|")
+        assert len(stages) == 3 and stages[-1] != stages[0], stages  # 2 pretraining + fine-tune
+        assert 'data-rendered="true"' in curve
+        linear = chromium(url + "&scale=linear", tmp_path / "p3", "--dump-dom")
+        assert 'data-scale="linear"' in linear and 'data-rendered="true"' in linear
         index = chromium(f"{srv.url}/?token={TOKEN}", tmp_path / "p2", budget_ms=3000)
         updated = _text(index, "updated")
         assert re.search(r"updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$", updated), updated

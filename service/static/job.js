@@ -26,57 +26,126 @@
     img.dataset.shownWidth = String(Math.round(img.getBoundingClientRect().width));
   });
 
-  function drawCurve(history) {
-    const entries = (Array.isArray(history) ? history : history.entries || history.history || [])
-      .filter((e) => typeof (e.cost ?? e.J) === "number");
-    const svg = $("curve");
-    const W = 420, H = 260, pad = 40;
-    svg.replaceChildren();
-    svg.dataset.points = String(entries.length);
-    if (entries.length < 1) return;
-    const n = entries.length;
-    // at most ~MAX points drawn: every step-th entry, plus the last one
-    const MAX = 1000, step = Math.ceil(n / MAX);
+  // ---- plots (BokehJS, served by the service from the installed bokeh package)
+  const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
+  const MAX_POINTS = 1000;  // at most this many points drawn per curve: every step-th entry
+  // the axes' scale: log unless the address says ?scale=linear (the button switches it)
+  let scale = new URLSearchParams(location.search).get("scale") === "linear" ? "linear" : "log";
+  let rows = null, plotted = null, lastHistory = null;
+
+  // The entries to draw, grouped by stage (a deep job's stages one after another on the x
+  // axis), with the samples per second between consecutive drawn entries.
+  function series(entries) {
+    const n = entries.length, step = Math.ceil(n / MAX_POINTS);
     const keep = [];
     for (let i = 0; i < n; i += step) keep.push(i);
     if (keep[keep.length - 1] !== n - 1) keep.push(n - 1);
-    svg.dataset.drawn = String(keep.length);
-    // a loop, not Math.min(...ys): spreading a long history overflows the call stack
-    const ys = new Array(n);
-    let lo = Infinity, hi = -Infinity;
-    for (let i = 0; i < n; i++) {
-      const y = Math.log10(Math.max(entries[i].cost ?? entries[i].J, 1e-300));
-      ys[i] = y;
-      if (y < lo) lo = y;
-      if (y > hi) hi = y;
-    }
-    const span = hi - lo || 1;
-    const pts = ys.map((y, i) => [pad + (W - 2 * pad) * (n > 1 ? i / (n - 1) : 0), H - pad - (H - 2 * pad) * (y - lo) / span]);
-    const ns = "http://www.w3.org/2000/svg";
-    // one line per stage of a deep job (pretraining stages, fine-tuning)
-    const colours = ["#4a90d9", "#d9822b", "#3a9d5d", "#a347ba", "#c0392b", "#7f8c8d"];
     const stages = [];
-    keep.forEach((i) => {
-      const name = entries[i].stage ?? "";
-      if (!stages.length || stages[stages.length - 1].name !== name) stages.push({ name, idx: [] });
-      stages[stages.length - 1].idx.push(i);
-    });
-    const lines = stages.map((st, k) => {
-      const line = document.createElementNS(ns, "polyline");
-      line.setAttribute("points", st.idx.map((i) => pts[i].map((v) => v.toFixed(1)).join(",")).join(" "));
-      line.setAttribute("fill", "none"); line.setAttribute("stroke", colours[k % colours.length]); line.setAttribute("stroke-width", "2");
-      if (st.name) line.setAttribute("data-stage", st.name);
-      return line;
-    });
-    const axis = document.createElementNS(ns, "path");
-    axis.setAttribute("d", `M${pad},${pad} V${H - pad} H${W - pad}`);
-    axis.setAttribute("stroke", "#888"); axis.setAttribute("fill", "none");
-    const label = (x, y, text) => { const t = document.createElementNS(ns, "text"); t.setAttribute("x", x); t.setAttribute("y", y); t.setAttribute("font-size", "11"); t.textContent = text; return t; };
-    const first = entries[0].iteration ?? 0, last = entries[n - 1].iteration ?? n - 1;
-    svg.dataset.lastIteration = String(last);
-    svg.append(axis, ...lines, label(2, pad, fmt(10 ** hi, 3)), label(2, H - pad, fmt(10 ** lo, 3)),
-      label(W / 2 - 40, H - 10, "iteration " + first + "–" + last));
+    let prev = null;
+    const pos = (v) => (typeof v === "number" && (scale === "linear" || v > 0) ? v : NaN);
+    for (const i of keep) {
+      const e = entries[i], name = e.stage ?? "";
+      let st = stages[stages.length - 1];
+      if (!st || st.name !== name) {
+        st = { name, x: [], cost: [], grad: [], val: [], sx: [], speed: [] };
+        stages.push(st);
+      }
+      st.x.push(i); st.cost.push(pos(e.cost)); st.grad.push(pos(e.grad_norm)); st.val.push(pos(e.val_cost));
+      if (prev && rows && typeof e.seconds === "number" && e.seconds > prev.seconds && typeof e.evaluations === "number") {
+        st.sx.push(i); st.speed.push(rows * (e.evaluations - prev.evaluations) / (e.seconds - prev.seconds));
+      }
+      prev = e;
+    }
+    return { n, drawn: keep.length, stages };
   }
+
+  function figure(title, yLabel, yType, deep) {
+    return Bokeh.Plotting.figure({
+      title, width: 520, height: 260, y_axis_type: yType, y_axis_label: yLabel,
+      x_axis_label: deep ? "iteration (all stages, in order)" : "iteration",
+      tools: "pan,wheel_zoom,box_zoom,reset,save",
+    });
+  }
+
+  function labelOf(st, stages) { return st.name || (stages.length > 1 ? "stage" : "training"); }
+
+  async function drawPlots(history) {
+    lastHistory = history;
+    const entries = (Array.isArray(history) ? history : history.entries || [])
+      .filter((e) => typeof e.cost === "number");
+    const curve = $("curve");
+    curve.dataset.points = String(entries.length);
+    if (!entries.length) return;
+    const last = entries[entries.length - 1];
+    $("evaluations").textContent = last.evaluations ?? "–";
+    $("elapsed").textContent = duration(last.seconds);
+    const s = series(entries);
+    const speeds = s.stages.flatMap((st) => st.speed);
+    $("samples-per-second").textContent = speeds.length ? fmt(speeds[speeds.length - 1], 4) : "–";
+    curve.dataset.drawn = String(s.drawn);
+    curve.dataset.stages = s.stages.map((st) => labelOf(st, s.stages)).join("|");
+    curve.dataset.lastIteration = String(last.iteration ?? s.n - 1);
+    const hasVal = s.stages.some((st) => st.val.some((v) => !Number.isNaN(v)));
+    curve.dataset.validation = String(hasVal);
+    const key = [scale, curve.dataset.stages, hasVal, Boolean(rows)].join(";");
+    if (plotted && plotted.key === key) {  // live: new data into the same plots
+      s.stages.forEach((st, k) => {
+        plotted.cost[k].data = { x: st.x, y: st.cost };
+        plotted.grad[k].data = { x: st.x, y: st.grad };
+        if (plotted.val[k]) plotted.val[k].data = { x: st.x, y: st.val };
+        if (plotted.speed[k]) plotted.speed[k].data = { x: st.sx, y: st.speed };
+      });
+      return;
+    }
+    const deep = s.stages.length > 1;
+    const fc = figure("Cost", "cost", scale, deep);
+    const fg = figure("Gradient norm (2-norm)", "||grad||", scale, deep);
+    const fs = rows ? figure("Samples per second", "examples / s", "linear", deep) : null;
+    const src = (x, y) => new Bokeh.ColumnDataSource({ data: { x, y } });
+    const p = { key, cost: [], grad: [], val: [], speed: [] };
+    s.stages.forEach((st, k) => {
+      const colour = COLOURS[k % COLOURS.length], label = labelOf(st, s.stages);
+      p.cost.push(src(st.x, st.cost));
+      fc.line({ field: "x" }, { field: "y" }, { source: p.cost[k], line_color: colour, line_width: 2, legend_label: hasVal ? label + " (training)" : label });
+      p.val.push(null);
+      if (hasVal) {
+        p.val[k] = src(st.x, st.val);
+        fc.line({ field: "x" }, { field: "y" }, { source: p.val[k], line_color: colour, line_width: 2, line_dash: "dashed", legend_label: label + " (validation)" });
+      }
+      p.grad.push(src(st.x, st.grad));
+      fg.line({ field: "x" }, { field: "y" }, { source: p.grad[k], line_color: colour, line_width: 2, legend_label: label });
+      p.speed.push(null);
+      if (fs) {
+        p.speed[k] = src(st.sx, st.speed);
+        fs.line({ field: "x" }, { field: "y" }, { source: p.speed[k], line_color: colour, line_width: 2, legend_label: label });
+      }
+    });
+    for (const f of [fc, fg, fs]) {
+      if (!f) continue;
+      f.legend.location = "top_right";
+      f.legend.background_fill_alpha = 0.5;
+      f.legend.click_policy = "hide";  // a click on a stage hides its line
+    }
+    const targets = [curve, $("grad-plot"), $("speed-plot")];
+    targets.forEach((t) => t.replaceChildren());
+    plotted = p;
+    await Promise.all([Bokeh.Plotting.show(fc, curve), Bokeh.Plotting.show(fg, targets[1]),
+      ...(fs ? [Bokeh.Plotting.show(fs, targets[2])] : [])]);
+    curve.dataset.rendered = "true";
+    curve.dataset.scale = scale;
+  }
+
+  function showScale() {
+    $("scale").dataset.scale = scale;
+    $("scale").textContent = scale === "log" ? "log (switch to linear)" : "linear (switch to log)";
+  }
+  showScale();
+  $("scale").addEventListener("click", () => {
+    scale = scale === "log" ? "linear" : "log";
+    showScale();
+    plotted = null;
+    if (lastHistory) drawPlots(lastHistory).catch((e) => { $("error").textContent = "plot: " + e; });
+  });
 
   async function refresh() {
     try {
@@ -96,6 +165,13 @@
       $("cost").textContent = fmt(j.cost, 6);
       $("grad-norm").textContent = fmt(j.grad_norm, 4);
       $("times").textContent = [j.created_at, j.started_at, j.finished_at].map(when).join(" / ");
+      if (rows === null && j.spec.dataset) {  // examples per evaluation, for samples/s
+        rows = false;
+        api("/datasets/" + j.spec.dataset).then((d) => {
+          rows = d.shape[0];
+          if (lastHistory) drawPlots(lastHistory).catch(() => {});
+        }).catch(() => {});
+      }
       $("spec").tBodies[0].replaceChildren(...Object.entries(j.spec).map(([k, v]) =>
         el("tr", { "data-field": k }, el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v)))));
       $("job-error").textContent = j.error || "–";
@@ -105,7 +181,8 @@
         lastIteration = j.iteration;
         if (j.started_at) {
           img.src = asset("/jobs/" + id + "/filters.png", Date.now());
-          api("/jobs/" + id + "/history").then(drawCurve).catch(() => {});
+          api("/jobs/" + id + "/history").then(drawPlots)
+            .catch((e) => { $("error").textContent = "plot: " + String(e.message || e); });
         }
       }
       done = !["queued", "running"].includes(j.status);
