@@ -51,11 +51,8 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
     """
     try:
         path, info = datasets.get_dataset(data_root, spec.dataset)
-    except (
-        datasets.BadName,
-        datasets.NotFound,
-    ) as exc:  # their messages start "name: "/"dataset: "
-        return [("dataset", clean_message("name", clean_message("dataset", str(exc))))]
+    except (datasets.BadName, datasets.NotFound) as exc:  # "name: ..." / "dataset: ..."
+        return [("dataset", clean_message(("dataset", "name"), str(exc)))]
     m, n = info.shape
     if m < 1:
         return [("dataset", f"dataset: {spec.dataset!r} has no examples")]

@@ -160,12 +160,12 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
 
     def _fit_in_memory(self, X) -> SparseAutoencoder:
         from sae.optimize import OptimizerState, minimize
-        from worker.train import optimizer_options, validate_spec
+        from worker.train import check_output_range, optimizer_options
 
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=1)
         net = self._network(X.shape[1])
         spec = self._spec("in-memory")
-        validate_spec(spec, _InMemoryInfo(X))
+        check_output_range(spec, (float(X.min()), float(X.max())))
         state = OptimizerState.start(
             spec.optimizer, net.init_theta(spec.seed), optimizer_options(spec)
         )
@@ -264,17 +264,6 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
         tags = super().__sklearn_tags__()
         tags.transformer_tags.preserves_dtype = ["float64"]
         return tags
-
-
-class _InMemoryInfo:
-    """What :func:`worker.train.validate_spec` reads of a dataset, for an in-memory array."""
-
-    def __init__(self, X: np.ndarray) -> None:
-        self.shape = X.shape
-        self.path = "X"
-        lo, hi = (float(X.min()), float(X.max())) if X.size else (0.0, 0.0)
-        self.preprocessing = {"value_range": [lo, hi]}
-        self.dtype = "float64"
 
 
 def _is_dask_array(X) -> bool:

@@ -474,6 +474,21 @@ def value_range(info: DatasetInfo) -> tuple[float, float] | None:
     return None
 
 
+def check_output_range(spec: TrainSpec, vr: tuple[float, float] | None) -> None:
+    """Raise ValueError naming ``output_activation`` when data spanning ``vr = (min, max)``
+    lie outside what the spec's output units can reach (None: the range is unknown)."""
+    out_act = spec.output_activation or spec.activation
+    if out_act in OUTPUT_RANGES and vr is not None:
+        lo, hi = OUTPUT_RANGES[out_act]
+        tol = 1e-9
+        if vr[0] < lo - tol or vr[1] > hi + tol:
+            raise ValueError(
+                f"output_activation: {out_act} output units reach [{lo:g}, {hi:g}] but the "
+                f"data span [{vr[0]:.4g}, {vr[1]:.4g}] (preprocessing value_range); use "
+                "--output-activation linear or rescale the data"
+            )
+
+
 def validate_spec(spec: TrainSpec, info: DatasetInfo) -> None:
     """Check a spec against its dataset before training.
 
@@ -486,17 +501,7 @@ def validate_spec(spec: TrainSpec, info: DatasetInfo) -> None:
     n = info.shape[1]
     if info.shape[0] < 1 or n < 1:
         raise ValueError(f"dataset: {info.path} holds no examples")
-    out_act = spec.output_activation or spec.activation
-    vr = value_range(info)
-    if out_act in OUTPUT_RANGES and vr is not None:
-        lo, hi = OUTPUT_RANGES[out_act]
-        tol = 1e-9
-        if vr[0] < lo - tol or vr[1] > hi + tol:
-            raise ValueError(
-                f"output_activation: {out_act} output units reach [{lo:g}, {hi:g}] but the "
-                f"data span [{vr[0]:.4g}, {vr[1]:.4g}] (preprocessing value_range); use "
-                "--output-activation linear or rescale the data"
-            )
+    check_output_range(spec, value_range(info))
     if spec.passes == "fused" and spec.is_deep:
         pass  # each stage has one sparse layer: fused applies stage by stage
 
