@@ -161,7 +161,7 @@ def register(main: click.Group) -> None:
     @_common
     def ingest_mnist(src, dest, limit, chunk_rows, overwrite, progress) -> None:
         """Write a dataset from an MNIST IDX file SRC (gzip or raw): uint8 pixels, scale 1/255."""
-        from worker.ingest import ingest_idx
+        from worker.array_files import ingest_idx
 
         _run(
             ingest_idx,
@@ -203,7 +203,7 @@ def register(main: click.Group) -> None:
 
         The file is memory-mapped and written chunk by chunk, so it may exceed memory.
         """
-        from worker.ingest import ingest_npy
+        from worker.array_files import ingest_npy
 
         _run(
             ingest_npy,
@@ -246,7 +246,7 @@ def register(main: click.Group) -> None:
         progress,
     ) -> None:
         """Write a dataset from the images (PNG, JPEG, ...) in FOLDER: whole images or patches."""
-        from worker.ingest import ingest_images
+        from worker.images import ingest_images
 
         _run(
             ingest_images,
@@ -291,7 +291,7 @@ def register(main: click.Group) -> None:
 
         Default: 10,000 8x8 grayscale patches normalised to [0.1, 0.9], as in CS294A.
         """
-        from worker.ingest import ingest_photographs
+        from worker.images import ingest_photographs
 
         _run(
             ingest_photographs,

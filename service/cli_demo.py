@@ -29,7 +29,7 @@ def demo_cmd(out: str, n_patches: int, max_iter: int, workers: int, seed: int) -
     cluster. Writes filters.png, model.npz and history.json.
     """
     from service.cli_train import build_spec, progress_callbacks, run_training
-    from worker.ingest import ingest_photographs
+    from worker.images import ingest_photographs
 
     root = Path(out)
     data = root / "patches.zarr"

@@ -277,7 +277,7 @@ def ingest_upload(
 ) -> dict[str, Any]:
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
-    The file is streamed into the Zarr store block by block by :mod:`worker.ingest` (a
+    The file is streamed into the Zarr store block by block by :mod:`worker.array_files` (a
     gzip-compressed upload, of either format, is first decompressed to disk, at most
     ``max_bytes``). The dataset's source names the uploaded file (``filename``, as the
     client sent it), not the temporary copy; ``sample_shape`` (e.g. (28, 28)) makes its
@@ -288,7 +288,7 @@ def ingest_upload(
     BadName, Exists, ValueError
     """
     fmt = sniff_format(src)
-    from worker import ingest
+    from worker import array_files
 
     with _creating(name):
         dest = _check_new(data_root, name)
@@ -299,9 +299,9 @@ def ingest_upload(
                     raw = src = _gunzip(src, max_bytes)
             source = f"upload:{filename or 'file'} ({fmt})"
             if fmt == "npy":
-                info = ingest.ingest_npy(src, dest, sample_shape=sample_shape, source=source)
+                info = array_files.ingest_npy(src, dest, sample_shape=sample_shape, source=source)
             else:
-                info = ingest.ingest_idx(src, dest, sample_shape=sample_shape, source=source)
+                info = array_files.ingest_idx(src, dest, sample_shape=sample_shape, source=source)
         except (DatasetError, ValueError) as exc:
             if dest.exists():  # another process made it meanwhile
                 raise Exists(f"name: a dataset named {name!r} exists already") from None
@@ -321,12 +321,12 @@ def ingest_photographs(data_root: str | os.PathLike, name: str, **options: Any) 
     ------
     BadName, Exists, ValueError
     """
-    from worker import ingest
+    from worker import images
 
     with _creating(name):
         dest = _check_new(data_root, name)
         try:
-            info = ingest.ingest_photographs(dest, **options)
+            info = images.ingest_photographs(dest, **options)
         except DatasetError:
             if dest.exists():
                 raise Exists(f"name: a dataset named {name!r} exists already") from None

@@ -19,16 +19,10 @@ from click.testing import CliRunner
 
 from sae.mnist import load_idx
 from service.cli import main
+from worker.array_files import ingest_idx, ingest_npy
 from worker.dataset import DatasetError, open_dataset, read_all
-from worker.ingest import (
-    ingest_idx,
-    ingest_images,
-    ingest_npy,
-    ingest_photographs,
-    load_whitening,
-    normalize_dataset,
-    whiten_dataset,
-)
+from worker.images import ingest_images, ingest_photographs
+from worker.preprocessing import load_whitening, normalize_dataset, whiten_dataset
 
 REPO = Path(__file__).resolve().parents[1]
 MNIST = REPO / ".." / "shared" / "data" / "mnist" / "t10k-images-idx3-ubyte.gz"
@@ -211,7 +205,7 @@ def test_killed_ingest_leaves_no_dataset(tmp_path):
     np.save(tmp_path / "a.npy", np.ones((40000, 8)))
     dest = tmp_path / "d"
     code = (
-        "from worker.ingest import ingest_npy; "
+        "from worker.array_files import ingest_npy; "
         f"ingest_npy({str(tmp_path / 'a.npy')!r}, {str(dest)!r}, chunk_rows=10)"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -325,9 +319,9 @@ def test_images_patches_match_sample_patches(tmp_path):
 
 def test_patches_drawn_in_bounded_blocks(tmp_path, monkeypatch):
     preprocess = pytest.importorskip("sae.preprocess")
-    import worker.ingest
+    import worker.images
 
-    monkeypatch.setattr(worker.ingest, "PATCH_BLOCK", 100)
+    monkeypatch.setattr(worker.images, "PATCH_BLOCK", 100)
     arrays = write_pngs(tmp_path / "pics", 2, size=(11, 13))
     info = ingest_images(tmp_path / "pics", tmp_path / "d", patch_size=5, n_patches=250, seed=7)
     X = read_all(tmp_path / "d")
