@@ -9,13 +9,12 @@ import numpy as np
 
 from sae import deep as sae_deep
 from sae.network import Network
+from worker import layout
 
 
 def load_model(path: str | os.PathLike) -> tuple[Network, np.ndarray]:
     """The network and parameters saved in a job's ``model.npz``."""
-    from worker.train import load_model as _load
-
-    net, theta, _ = _load(Path(path))
+    net, theta, _ = layout.load_model(Path(path))
     return net, theta
 
 
