@@ -18,7 +18,7 @@ PASS when the pretrained deep autoencoder beats PCA on the held-out digits.
 
 ``--cost`` instead times, per chunk of digits, the frozen encoder's forward pass that a
 pretraining stage recomputes in its tasks against the stage's own two-pass evaluation, for
-784-1000-500-250-30 (the figures behind ``worker.deep``'s choice of computing codes in the
+784-1000-500-250-30 (the figures behind docs/deep-autoencoders.md: why codes are computed in the
 tasks instead of writing them to Zarr).
 
     python benchmarks/bench_deep_mnist.py [--hidden 128,32,8] [--max-iter 40]
@@ -50,11 +50,11 @@ def _table(rows: list[tuple]) -> str:
 def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
     """Per-chunk seconds: frozen encoder forward vs the stage's own evaluation."""
     from sae import objective as obj
-    from sae.deep import DeepPlan
+    from sae.deep import DeepArchitecture
 
-    plan = DeepPlan(784, (1000, 500, 250, 30), code_activation="linear", rho=0.1, beta=3.0)
+    arch = DeepArchitecture(784, (1000, 500, 250, 30), code_activation="linear", rho=0.1, beta=3.0)
     Xc = np.ascontiguousarray(X[:chunk], dtype=np.float64)
-    thetas = [plan.stage_network(k).init_theta(k) for k in range(1, 5)]
+    thetas = [arch.stage_network(k).init_theta(k) for k in range(1, 5)]
 
     def best(fn) -> float:
         ts = []
@@ -68,16 +68,16 @@ def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
     print(f"{'stage':<22} {'encoder fwd':>12} {'stage eval':>11} {'ratio':>7} {'input B/ex':>11}")
     tot_enc = tot_stage = 0.0
     for k in range(1, 5):
-        sn = plan.stage_network(k)
-        enc = plan.stage_encoder(thetas, k)
+        sn = arch.stage_network(k)
+        enc = arch.stage_encoder(thetas, k)
         A = Xc if enc is None else obj.forward(enc[0], enc[1], Xc)[-1]
-        Y = Xc if plan.stage_target(k) == "raw" else None
+        Y = Xc if arch.stage_target(k) == "input" else None
         t_enc = 0.0 if enc is None else best(lambda enc=enc: obj.forward(enc[0], enc[1], Xc))
         t_stage = best(lambda sn=sn, A=A, Y=Y, k=k: obj.cost(sn, thetas[k - 1], A, Y))
         tot_enc += t_enc
         tot_stage += t_stage
         print(
-            f"{plan.stage_network(k).sizes!s:<22} {t_enc:>11.3f}s {t_stage:>10.3f}s "
+            f"{arch.stage_network(k).sizes!s:<22} {t_enc:>11.3f}s {t_stage:>10.3f}s "
             f"{t_enc / t_stage:>7.2f} {4 * sn.sizes[0]:>11d}"
         )
     print(
@@ -123,8 +123,9 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     from worker.cluster import get_client
     from worker.dataset import write_dataset
+    from worker.layout import load_model
     from worker.spec import TrainSpec
-    from worker.train import load_model, train
+    from worker.train import train
 
     hidden = [int(h) for h in args.hidden.split(",")]
     K = len(hidden)
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     results = {}
-    with get_client(workers=args.workers, threads_per_worker=1, dashboard=False) as (client, _):
+    with get_client(workers=args.workers, threads_per_worker=1) as (client, _):
         for name, kw in runs:
             spec = TrainSpec(**common, **kw)
             t = time.perf_counter()

@@ -9,7 +9,7 @@ total, and both sides compute in the same dtype):
 3. float32 against float64 (speed-up), out-of-core and cached;
 4. scheduling overhead per evaluation on a tiny dataset;
 5. small job: the UFLDL natural-image job (10,000 8x8 patches, 25 hidden units, 400 L-BFGS
-   iterations) with ``worker.train.train`` (auto plan: one task next to its data) against a
+   iterations) with ``worker.train.train`` (auto execution: one task next to its data) against a
    plain in-memory ``scipy.optimize.minimize(method="L-BFGS-B")`` run.
 
     python benchmarks/bench_engine.py [--rows 40000] [--features 784] [--hidden 196]
@@ -209,11 +209,11 @@ def bench_small_job(client, tmp: Path, args) -> None:
         t = time.perf_counter()
         tr = train(spec, out, client=client)
         ours.append(time.perf_counter() - t)
-        info["ours"] = (tr.iterations, tr.evaluations, tr.final_cost, tr.plan)
+        info["ours"] = (tr.iterations, tr.evaluations, tr.final_cost, tr.execution)
         shutil.rmtree(out, ignore_errors=True)
     o = _median(ours)
     nit, nfev, fun = info["scipy"]
-    it, ev, cost, plan = info["ours"]
+    it, ev, cost, execution = info["ours"]
     for threads, label in (("default", "BLAS default threads"), ("1", "BLAS 1 thread")):
         b = _median(base[threads])
         print(
@@ -221,7 +221,7 @@ def bench_small_job(client, tmp: Path, args) -> None:
             f"{nfev} evals, J {fun:.6f})"
         )
     print(
-        f"  sae train ({plan} plan, whole job: artifacts, checkpoints)  : {o:6.2f} s  "
+        f"  sae train ({execution} execution, whole job: artifacts, checkpoints)  : {o:6.2f} s  "
         f"({it} iterations, {ev} evals, J {cost:.6f})"
     )
     best = min(_median(base["default"]), _median(base["1"]))

@@ -71,7 +71,7 @@ def main() -> None:
     same = bits(theta, 1) == bits(at_offset(theta, 3), 1)
     print(f"sae.objective.pass2 with theta at an odd offset, same bits: {_yn(same)}")
 
-    from worker.engine import evaluate_chunks
+    from worker.chunks import evaluate_chunks
 
     net = Network.autoencoder(64, 48, lam=1e-3, rho=0.05, beta=1.0)
     theta, X = net.init_theta(2), rng.random((400, 64))
@@ -80,7 +80,7 @@ def main() -> None:
         with threadpool_limits(threads, user_api="blas"):
             grads.append(evaluate_chunks(net, theta, lambda: [(X, None)], "two", "float64", 400)[1])
     print(
-        "worker.engine.evaluate_chunks (64-48, 400 rows) in a 1- and a 2-thread process, "
+        "worker.chunks.evaluate_chunks (64-48, 400 rows) in a 1- and a 2-thread process, "
         f"same bits: {_yn(np.array_equal(*grads))}"
     )
 

@@ -10,7 +10,7 @@ mirrors it (it maps ``h_k -> h_{k-1}``). Activations: ``activation`` on every hi
 ``code_activation`` on layer K (e.g. a linear code, as in Hinton and Salakhutdinov 2006) and
 ``output_activation`` on the reconstruction layer L.
 
-Pretraining (:class:`DeepPlan`, stage ``k = 1..K``) trains the sparse autoencoder
+Pretraining (:class:`DeepArchitecture`, stage ``k = 1..K``) trains the sparse autoencoder
 
     stage k:  h_{k-1} -> h_k -> (h_{k-1}  if pretrain == "previous"
                                  n_0      if pretrain == "input")
@@ -21,8 +21,8 @@ stage reconstructs x from its own code). The hidden units of stage k are those o
 k (same activation, the sparsity target ``rho`` where the units have a bounded range); the
 output units are those of the layer being reconstructed.
 
-Fine-tuning starts from :meth:`DeepPlan.assemble` and trains the unrolled network end to end on
-the reconstruction of x. What the decoder initialisations mean:
+Fine-tuning starts from :meth:`DeepArchitecture.assemble` and trains the unrolled network end
+to end on the reconstruction of x. What the decoder initialisations mean:
 
 ``decoder_init="pretrained"``
     ``pretrain="previous"``: decoder layer ``2K - k + 1`` is stage k's decoder ``(W2, b2)``,
@@ -42,7 +42,7 @@ the reconstruction of x. What the decoder initialisations mean:
     weights are then replaced by the transposes of the random encoder weights.
 
 Everything here is pure numpy; :func:`pretrain_and_finetune` is the in-memory reference of what
-the distributed ``worker.deep.train_deep`` computes chunk by chunk.
+the distributed job loop (``worker.job``) computes chunk by chunk.
 """
 
 from __future__ import annotations
@@ -60,7 +60,9 @@ from sae.objective import cost, forward
 
 Pretrain = Literal["previous", "input", "none"]
 DecoderInit = Literal["pretrained", "transpose"]
-StageTarget = Literal["inputs", "raw"]
+#: What a pretraining stage reconstructs: its own inputs (the previous layer's activations;
+#: x for stage 1) or the original input x. The same words as the spec's ``pretrain``.
+StageTarget = Literal["previous", "input"]
 
 PRETRAIN_CHOICES = ("previous", "input", "none")
 DECODER_INIT_CHOICES = ("pretrained", "transpose")
@@ -102,7 +104,7 @@ def validate_sizes(n_visible: int, hidden: Sequence[int], stages: int | None = N
 
 
 @dataclass(frozen=True)
-class DeepPlan:
+class DeepArchitecture:
     """The architecture of a deep autoencoder and how to pretrain and initialise it.
 
     Parameters
@@ -268,9 +270,10 @@ class DeepPlan:
         )
 
     def stage_target(self, k: int) -> StageTarget:
-        """What stage k reconstructs: ``"inputs"`` (its own input) or ``"raw"`` (x)."""
+        """What stage k reconstructs: ``"previous"`` (its own input) or ``"input"`` (x, for a
+        stage above the first with ``pretrain="input"``)."""
         self._check_stage(k)
-        return "raw" if self.pretrain == "input" and k > 1 else "inputs"
+        return "input" if self.pretrain == "input" and k > 1 else "previous"
 
     def _check_stage(self, k: int) -> None:
         if self.pretrain == "none":
@@ -462,17 +465,17 @@ class DeepResult:
 
 
 def stage_data(
-    plan: DeepPlan, stage_thetas: Sequence[np.ndarray], k: int, X: np.ndarray, dtype=None
+    arch: DeepArchitecture, stage_thetas: Sequence[np.ndarray], k: int, X: np.ndarray, dtype=None
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """In-memory inputs and targets of stage k: ``(a_{k-1}, Y)``, Y None when it is a_{k-1}."""
-    enc = plan.stage_encoder(stage_thetas, k)
+    enc = arch.stage_encoder(stage_thetas, k)
     A = X if enc is None else forward(enc[0], enc[1], X, dtype=dtype)[-1]
-    Y = X if plan.stage_target(k) == "raw" else None
+    Y = X if arch.stage_target(k) == "input" else None
     return A, Y
 
 
 def pretrain_and_finetune(
-    plan: DeepPlan,
+    arch: DeepArchitecture,
     X: np.ndarray,
     max_iter: int,
     finetune_iter: int,
@@ -484,7 +487,7 @@ def pretrain_and_finetune(
 
     Parameters
     ----------
-    plan : DeepPlan
+    arch : DeepArchitecture
     X : ndarray of shape (m, n_visible)
     max_iter : int
         Iterations of each pretraining stage.
@@ -502,18 +505,18 @@ def pretrain_and_finetune(
     X = np.asarray(X, dtype=np.float64)
     stage_thetas: list[np.ndarray] = []
     histories: dict[str, list[float]] = {}
-    for k in range(1, plan.n_stages + 1):
-        sn = plan.stage_network(k)
-        A, Y = stage_data(plan, stage_thetas, k, X)
+    for k in range(1, arch.n_stages + 1):
+        sn = arch.stage_network(k)
+        A, Y = stage_data(arch, stage_thetas, k, X)
         theta, hist = minimizer(
             lambda t, sn=sn, A=A, Y=Y: cost(sn, t, A, Y, passes=passes),
             sn.init_theta(seed + k),
             max_iter,
         )
         stage_thetas.append(np.asarray(theta))
-        histories[f"pretrain {k}/{plan.n_stages}"] = hist
-    net = plan.network()
-    start = plan.assemble(stage_thetas, seed=seed)
+        histories[f"pretrain {k}/{arch.n_stages}"] = hist
+    net = arch.network()
+    start = arch.assemble(stage_thetas, seed=seed)
     theta, hist = minimizer(lambda t: cost(net, t, X, passes=passes), start, finetune_iter)
     histories["finetune"] = hist
     return DeepResult(net, np.asarray(theta), start, stage_thetas, histories)

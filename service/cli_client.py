@@ -91,7 +91,7 @@ def register(main: click.Group) -> None:
     @click.option(
         "--plan",
         type=click.Choice(["auto", "local", "distributed"]),
-        help="Execution plan of jobs [auto: small datasets train as one task].",
+        help="Where the stages of jobs run [auto: a stage on small data as one task next to them].",
     )
     @click.option("--max-concurrent-jobs", type=int, help="Jobs running at once [1].")
     @click.option("--max-body-bytes", type=int, help="Largest JSON request body [1 MiB].")

@@ -30,7 +30,7 @@ def resolve_model(model: str | os.PathLike) -> Path:
 
 def load(model: str | os.PathLike):
     """``(net, theta, meta)`` of a model file, with a clear error for anything else."""
-    from worker.train import load_model
+    from worker.layout import load_model
 
     path = resolve_model(model)
     try:

@@ -3,30 +3,10 @@
 from __future__ import annotations
 
 import contextlib
-import json
 from collections.abc import Callable
 from pathlib import Path
 
 import click
-
-TRAIN_FIELDS = (
-    "hidden",
-    "activation",
-    "output_activation",
-    "code_activation",
-    "lam",
-    "rho",
-    "beta",
-    "optimizer",
-    "alpha",
-    "max_iter",
-    "passes",
-    "dtype",
-    "seed",
-    "pretrain",
-    "decoder_init",
-    "finetune_iter",
-)
 
 
 def parse_hidden(text: str) -> int | list[int]:
@@ -70,10 +50,11 @@ def run_training(
     on_iteration: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
-    plan: str = "auto",
+    execution: str = "auto",
     echo: Callable[[str], None] | None = None,
 ):
-    """Train ``spec`` into ``out_dir`` on an embedded cluster (or ``scheduler``).
+    """Train ``spec`` into ``out_dir`` on an embedded cluster (or ``scheduler``); its stages
+    run where ``execution`` says (``--plan``: auto, local or distributed).
 
     Returns
     -------
@@ -97,20 +78,15 @@ def run_training(
             on_iteration=on_iteration,
             should_stop=should_stop,
             resume=resume,
-            plan=plan,
+            execution=execution,
         )
-
-
-def total_iterations(spec) -> int:
-    """Iterations a spec runs: ``max_iter``, or per pretraining stage plus fine-tuning."""
-    return spec.total_iterations()
 
 
 def progress_callbacks(spec) -> tuple[Callable[[dict], None], Callable[[], None]]:
     """A tqdm bar of iterations and cost: ``(on_iteration, close)`` for :func:`run_training`."""
     from tqdm import tqdm
 
-    bar = tqdm(total=total_iterations(spec), desc="train", unit="it", dynamic_ncols=True)
+    bar = tqdm(total=spec.total_iterations(), desc="train", unit="it", dynamic_ncols=True)
 
     def on_iteration(entry: dict) -> None:
         if entry["iteration"] > 0:
@@ -181,7 +157,12 @@ def _network_options(f):
     default=None,
     help="Continue the job in this folder (its saved spec)",
 )
-@click.option("--plan", type=click.Choice(["auto", "local", "distributed"]), default="auto")
+@click.option(
+    "--plan",
+    type=click.Choice(["auto", "local", "distributed"]),
+    default="auto",
+    help="Where the stages run [auto: a stage on small data as one task next to them]",
+)
 def train_cmd(
     dataset, out, resume_dir, workers, threads_per_worker, memory_limit, scheduler, plan, **fields
 ):
@@ -191,10 +172,12 @@ def train_cmd(
     if resume_dir and dataset:
         raise click.UsageError("give a DATASET or --resume DIR, not both")
     if resume_dir:
-        job = Path(resume_dir) / "job.json"
-        if not job.exists():
-            raise click.ClickException(f"--resume: {resume_dir} holds no job.json")
-        saved = json.loads(job.read_text())["spec"]
+        from worker import layout
+
+        try:
+            saved = layout.read_job(Path(resume_dir))["spec"]
+        except FileNotFoundError:
+            raise click.ClickException(f"--resume: {resume_dir} holds no {layout.JOB}") from None
         given = {k: v for k, v in fields.items() if v is not None}
         extend = given.pop("max_iter", None)
         if given:
@@ -222,7 +205,7 @@ def train_cmd(
             fields["hidden"] = parse_hidden(fields["hidden"])
         spec = build_spec(dataset=dataset, **fields)
         out = out or f"runs/{Path(dataset).name}-{spec.hidden_sizes[-1]}"
-    from worker.train import check_job
+    from worker.schedule import check_job
 
     try:  # before a cluster starts: a missing dataset or a bad spec is reported at once
         check_job(spec)
@@ -239,7 +222,7 @@ def train_cmd(
             scheduler=scheduler,
             on_iteration=on_iteration,
             resume=bool(resume_dir),
-            plan=plan,
+            execution=plan,
             echo=lambda s: tqdm.write(s),
         )
     except (ValueError, RuntimeError, FloatingPointError, OSError, TimeoutError) as exc:
@@ -248,7 +231,7 @@ def train_cmd(
     close_bar()
     click.echo(
         f"{result.status}: {result.iterations} iterations, {result.evaluations} evaluations, "
-        f"cost {result.final_cost:.6g}, {result.seconds:.1f} s ({result.plan} plan)"
+        f"cost {result.final_cost:.6g}, {result.seconds:.1f} s ({result.execution} execution)"
     )
     click.echo(f"Outputs in {result.out_dir}:")
     for p in (result.model_path, result.history_path, result.filters_path, result.cost_path):
@@ -260,7 +243,7 @@ def _finished(spec, out: Path) -> str | None:
     """Why resuming the one-layer job in ``out`` up to ``spec.max_iter`` would do nothing
     (its last checkpoint already meets a stopping test), or None."""
     from sae.optimize import FAILED, OptimizerState, stop_reason
-    from worker.train import STATE
+    from worker.layout import STATE
 
     if spec.is_deep or not (out / STATE).exists():
         return None
@@ -295,30 +278,19 @@ def gradcheck_cmd(
 ):
     """Check the distributed gradient on DATASET against central differences."""
     from sae.gradcheck import check_gradient
-    from sae.network import Network
+    from worker import schedule
     from worker.cluster import get_client
     from worker.dataset import DatasetError, open_dataset
     from worker.engine import DistributedObjective
-    from worker.train import build_network
 
     if fields.get("hidden") is not None:
         fields["hidden"] = parse_hidden(fields["hidden"])
     spec = build_spec(dataset=dataset, **fields)
     try:
         info = open_dataset(dataset)
-    except DatasetError as exc:
+        net = schedule.network(spec, info.shape[1])  # what the job trains in the end
+    except (DatasetError, ValueError) as exc:
         raise click.ClickException(str(exc)) from None
-    n = info.shape[1]
-    if spec.is_deep:
-        h = spec.hidden_sizes
-        sizes = (n, *h, *reversed(h[:-1]), n)
-        inner = len(h)
-        acts = [spec.activation] * (len(sizes) - 1)
-        acts[inner - 1] = spec.code_activation or spec.activation
-        acts[-1] = spec.output_activation or spec.activation
-        net = Network(sizes=sizes, activations=tuple(acts), lam=spec.lam)
-    else:
-        net = build_network(spec, n)
     theta = net.init_theta(spec.seed)
     stack = contextlib.ExitStack()
     try:

@@ -17,7 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from worker.dataset import DatasetError, DatasetInfo, open_dataset, read_chunk
+from worker import schedule
+from worker.dataset import DatasetError, DatasetInfo, dataset_version, open_dataset, read_chunk
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # used with fullmatch
 MAX_NAME_LENGTH = 512
@@ -152,25 +153,23 @@ def delete_dataset(data_root: str | os.PathLike, name: str) -> None:
 
 # ------------------------------------------------------------------------------ value range
 
-_RANGES: dict[str, tuple[float, float, float]] = {}
+_RANGES: dict[str, tuple[float, float, str | None]] = {}
 _RANGES_LOCK = threading.Lock()
 
 
 def value_range(path: Path, info: DatasetInfo) -> tuple[float, float]:
     """Smallest and largest value of a dataset (scaled), read chunk by chunk once and cached.
 
-    Stored ``uint8`` data is bounded by ``[0, 255 * scale]``, and a range recorded by the
-    ingestion (``preprocessing["value_range"]``) is trusted, without reading the data.
+    What is known without reading the data is trusted (:func:`worker.schedule.value_range`:
+    the range the ingestion recorded, or the bound of ``uint8`` pixels).
     """
-    if info.dtype == "uint8" and info.scale >= 0:
-        return 0.0, 255.0 * info.scale
-    known = (info.preprocessing or {}).get("value_range")
-    if isinstance(known, list | tuple) and len(known) == 2:
-        return float(known[0]), float(known[1])
-    stamp = (path / "zarr.json").stat().st_mtime
+    known = schedule.value_range(info)
+    if known is not None:
+        return known
+    stamp = dataset_version(path)
     with _RANGES_LOCK:
         hit = _RANGES.get(str(path))
-    if hit and hit[2] == stamp:
+    if hit and stamp is not None and hit[2] == stamp:
         return hit[0], hit[1]
     lo, hi = float("inf"), float("-inf")
     for i in range(info.n_chunks):

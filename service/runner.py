@@ -26,50 +26,27 @@ from service import datasets
 from service.settings import Settings
 from service.store import Job, JobStore
 from worker.spec import TrainSpec
+from worker.stage_id import StageId
 
 log = logging.getLogger("sae.service")
 
 
-def total_iterations(spec: TrainSpec) -> int:
-    """Iterations a job runs when it uses all of them (all stages of a deep network)."""
-    return spec.total_iterations()
-
-
 def stage_of(entry: dict[str, Any], spec: TrainSpec) -> tuple[str | None, int]:
-    """Label of the stage a history entry belongs to, and iterations done before that stage.
-
-    History entries of deep training carry a ``stage`` key: ``"pretrain k/K"`` (as
-    :mod:`worker.deep` writes it; also ``"pretrain 2"``, ``"pretrain:2"``, or with a ``layer``
-    key) and ``"finetune"``. The number of stages is the spec's (``stages``, none for
-    ``pretrain="none"``), or the ``K`` of the label.
-    """
-    stage = entry.get("stage")
-    if stage is None:
+    """How the job status names the stage of a history entry, and the iterations the job did
+    before that stage: ``("pretrain k of K", (k - 1) * max_iter)``, ``("fine-tune", K *
+    max_iter)``, or ``(None, 0)`` for a one-layer job."""
+    sid = StageId.from_label(entry.get("stage"), spec.n_pretrain_stages)
+    if sid.kind == "single":
         return None, 0
-    K = spec.n_pretrain_stages
-    text = str(stage).lower().replace("_", "-")
-    if "fine" in text:
-        return "fine-tune", K * spec.max_iter
-    k = entry.get("layer") or entry.get("stage_index")
-    digits = [int(d) for d in "".join(c if c.isdigit() else " " for c in text).split()]
-    if k is None:
-        k = digits[0] if digits else 1
-    if len(digits) >= 2 and "/" in text:  # "pretrain k/K"
-        K = digits[1]
-    K = max(K, 1)
-    k = int(k)
-    if isinstance(stage, int):
-        k = stage + 1 if stage < K else stage
-    k = max(1, min(k, K))
-    return f"pretrain {k} of {K}", (k - 1) * spec.max_iter
+    if sid.kind == "finetune":
+        return "fine-tune", sid.count * spec.max_iter
+    return f"pretrain {sid.index} of {sid.count}", (sid.index - 1) * spec.max_iter
 
 
-def _num(entry: dict[str, Any], *names: str) -> float | None:
-    for n in names:
-        v = entry.get(n)
-        if isinstance(v, int | float) and math.isfinite(v):
-            return float(v)
-    return None
+def _num(entry: dict[str, Any], name: str) -> float | None:
+    """A finite number of a history entry, or None."""
+    v = entry.get(name)
+    return float(v) if isinstance(v, int | float) and math.isfinite(v) else None
 
 
 @dataclass
@@ -308,12 +285,12 @@ class Runner:
 
     def _on_iteration(self, active: _Active, spec: TrainSpec, entry: dict[str, Any]) -> None:
         self._record_figures(active, entry)
-        it = int(_num(entry, "iteration", "iter") or 0)
+        it = int(_num(entry, "iteration") or 0)
         label, before = stage_of(entry, spec)
         stage_max = spec.max_iter
         if label == "fine-tune":
             stage_max = spec.finetune_iter
-        total = max(total_iterations(spec), 1)
+        total = max(spec.total_iterations(), 1)
         done = min(before + it, total)
         if active.first_done is None:
             active.first_done, active.t0 = done, time.monotonic()
@@ -326,8 +303,8 @@ class Runner:
             active.job.id,
             iteration=it,
             max_iter=stage_max,
-            cost=_num(entry, "cost", "J", "f"),
-            grad_norm=_num(entry, "grad_norm", "gnorm", "grad"),
+            cost=_num(entry, "cost"),
+            grad_norm=_num(entry, "grad_norm"),
             stage=label,
             progress=done / total,
             eta_seconds=eta,
@@ -356,7 +333,7 @@ class Runner:
                 on_iteration=lambda entry: self._on_iteration(active, spec, entry),
                 should_stop=should_stop,
                 resume=resume,
-                **({"plan": self.settings.plan} if self.settings.plan != "auto" else {}),
+                **({"execution": self.settings.plan} if self.settings.plan != "auto" else {}),
             )
             status = getattr(result, "status", "succeeded")
             iterations = getattr(result, "iterations", None)

@@ -31,8 +31,9 @@ class Settings(BaseSettings):
     memory_limit: str = "auto"
     plan: Literal["auto", "local", "distributed"] = Field(
         "auto",
-        description="distributed: every evaluation is one Dask graph driven from the service; "
-        "local: small datasets train as one task next to their data; auto: local when small",
+        description="Where the stages of jobs run (SAE_PLAN, like sae train --plan): "
+        "distributed: every evaluation is one Dask graph driven from the service; local: a "
+        "stage trains as one task next to its data; auto: local when its data are small",
     )
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs running at the same time")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest JSON request body")

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import os
 
-from sae.network import Network
 from service import datasets
 from service.errors import clean_message
 from service.store import ACTIVE, JobStore
+from worker import schedule
 from worker.spec import TrainSpec
 
+#: Largest network a job of the service may train (parameters of the whole network).
 MAX_PARAMS = 50_000_000
-OUTPUT_RANGES = {"sigmoid": (0.0, 1.0), "tanh": (-1.0, 1.0)}
 
 
 class InUse(RuntimeError):
@@ -30,19 +30,15 @@ def first_max_iter(spec: TrainSpec) -> int:
     return spec.max_iter
 
 
-def layer_sizes(spec: TrainSpec, n_visible: int) -> list[int]:
-    """Sizes of the whole (deep) autoencoder, input to reconstruction."""
-    h = spec.hidden_sizes
-    return [n_visible, *h, *reversed(h[:-1]), n_visible]
-
-
 def _field_of(msg: str, default: str) -> str:
     head = msg.split(":", 1)[0].strip()
     return head if head.isidentifier() else default
 
 
 def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str, str]]:
-    """Problems of a spec that only show with its dataset.
+    """Problems of a spec that only show with its dataset (:func:`worker.schedule.check_spec`,
+    the service's size limit, and the data's range read from the chunks when no range was
+    recorded).
 
     Returns
     -------
@@ -53,65 +49,24 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
         path, info = datasets.get_dataset(data_root, spec.dataset)
     except (datasets.BadName, datasets.NotFound) as exc:  # "name: ..." / "dataset: ..."
         return [("dataset", clean_message(("dataset", "name"), str(exc)))]
-    m, n = info.shape
-    if m < 1:
+    if info.shape[0] < 1:
         return [("dataset", f"dataset: {spec.dataset!r} has no examples")]
-    sizes = layer_sizes(spec, n)
-    n_params = sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
-    if n_params > MAX_PARAMS:
-        return [
-            (
-                "hidden",
-                f"hidden: {sizes} needs {n_params} parameters, more than the limit {MAX_PARAMS}",
-            )
-        ]
-    if spec.code_activation is not None and not spec.is_deep:
-        return [("code_activation", "code_activation: only for deep autoencoders (hidden list)")]
-    if spec.is_deep and spec.pretrain == "none" and spec.finetune_iter == 0:
-        msg = "finetune_iter: with pretrain 'none' give fine-tuning iterations"
-        return [("finetune_iter", msg)]
-    out = spec.output_activation or spec.activation
-    if spec.is_deep:
-        from worker.deep import validate_deep
-
-        try:
-            validate_deep(spec, n)
-        except ValueError as exc:
-            return [(_field_of(str(exc), "hidden"), str(exc))]
-    try:  # the first layer's sparse autoencoder (units that can carry rho, ...)
-        Network.autoencoder(
-            n,
-            spec.hidden_sizes[0],
-            lam=spec.lam,
-            rho=spec.rho,
-            beta=spec.beta,
-            activation=spec.activation,
-            output_activation=out,
-        )
+    n = info.shape[1]
+    total = schedule.n_params(spec, n)
+    if total > MAX_PARAMS:
+        sizes = schedule.layer_sizes(spec, n)
+        msg = f"hidden: {sizes} needs {total} parameters, more than the limit {MAX_PARAMS}"
+        return [("hidden", msg)]
+    try:
+        schedule.check_spec(spec, info)
+        if schedule.output_bounded(spec):
+            try:
+                vr = datasets.value_range(path, info)
+            except Exception as exc:  # noqa: BLE001 - an unreadable dataset is the dataset's fault
+                return [("dataset", f"dataset: cannot be read ({exc})")]
+            schedule.check_output_range(spec, vr)
     except ValueError as exc:
         return [(_field_of(str(exc), "hidden"), str(exc))]
-    if not spec.is_deep:
-        from worker.train import validate_spec
-
-        try:
-            validate_spec(spec, info)
-        except ValueError as exc:
-            return [(_field_of(str(exc), "dataset"), str(exc))]
-    if out in OUTPUT_RANGES:
-        lo, hi = OUTPUT_RANGES[out]
-        try:
-            dmin, dmax = datasets.value_range(path, info)
-        except Exception as exc:  # noqa: BLE001 - an unreadable dataset is the dataset's fault
-            return [("dataset", f"dataset: cannot be read ({exc})")]
-        if dmin < lo or dmax > hi:
-            return [
-                (
-                    "output_activation",
-                    f"output_activation: {out} outputs lie in [{lo:g}, {hi:g}] but dataset "
-                    f"{spec.dataset!r} holds values in [{dmin:.4g}, {dmax:.4g}]; use "
-                    "output_activation 'linear' or rescale the data",
-                )
-            ]
     return []
 
 

@@ -13,7 +13,7 @@ def dask_client():
     """A client on an embedded LocalCluster: 2 worker processes x 1 thread, 1 GB each."""
     from worker.cluster import get_client
 
-    with get_client(workers=2, threads_per_worker=1, memory_limit="1GB", dashboard=False) as (
+    with get_client(workers=2, threads_per_worker=1, memory_limit="1GB") as (
         client,
         _,
     ):

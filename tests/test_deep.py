@@ -10,7 +10,7 @@ import pytest
 
 import sae
 from sae.deep import (
-    DeepPlan,
+    DeepArchitecture,
     encode,
     pca_reconstruction_error,
     pretrain_and_finetune,
@@ -51,7 +51,7 @@ def _unrolled_cases():
 def test_gradient_of_unrolled_network(depth, activation, code, output, sparse):
     """Central differences agree with backprop through the whole unrolled stack (2, 4 and 6
     layers), for every activation, with and without sparsity on every bounded encoder layer."""
-    plan = DeepPlan(
+    plan = DeepArchitecture(
         7,
         HIDDEN[depth],
         activation=activation,
@@ -79,7 +79,7 @@ def test_gradient_of_unrolled_network(depth, activation, code, output, sparse):
 @pytest.mark.parametrize("k", [1, 2, 3])
 def test_gradient_of_stage_objective(pretrain, k):
     """Each stage's objective (input = lower codes, target = codes or x) has an exact gradient."""
-    plan = DeepPlan(
+    plan = DeepArchitecture(
         7, (6, 4, 3), code_activation="linear", lam=1e-3, rho=0.1, beta=3.0, pretrain=pretrain
     )
     X = _data(12, 7, seed=k)
@@ -98,7 +98,7 @@ def test_gradient_of_stage_objective(pretrain, k):
 
 # ------------------------------------------------------------------ architecture
 def test_unrolled_network_layout():
-    plan = DeepPlan(784, (1000, 500, 250, 30), code_activation="linear", rho=0.1, beta=3.0)
+    plan = DeepArchitecture(784, (1000, 500, 250, 30), code_activation="linear", rho=0.1, beta=3.0)
     net = plan.network()
     assert net.sizes == (784, 1000, 500, 250, 30, 250, 500, 1000, 784)
     assert net.activations == ("sigmoid",) * 3 + ("linear",) + ("sigmoid",) * 4
@@ -109,22 +109,22 @@ def test_unrolled_network_layout():
     s4 = plan.stage_network(4)
     assert s4.sizes == (250, 30, 250) and s4.activations == ("linear", "sigmoid")
     assert s4.sparse_layers == ()
-    s4x = DeepPlan(784, (1000, 500, 250, 30), pretrain="input", output_activation="linear")
+    s4x = DeepArchitecture(784, (1000, 500, 250, 30), pretrain="input", output_activation="linear")
     assert s4x.stage_network(4).sizes == (250, 30, 784)
     assert s4x.stage_network(4).activations == ("sigmoid", "linear")
-    sparse_ft = DeepPlan(784, (100, 30), rho=0.1, beta=3.0, finetune_sparse=(True, False))
+    sparse_ft = DeepArchitecture(784, (100, 30), rho=0.1, beta=3.0, finetune_sparse=(True, False))
     assert sparse_ft.network().sparse_layers == (1,)
 
 
 # ------------------------------------------------------------------ initialisations
-def _trained_like(plan: DeepPlan, seed: int = 0) -> list[np.ndarray]:
+def _trained_like(plan: DeepArchitecture, seed: int = 0) -> list[np.ndarray]:
     rng = np.random.default_rng(seed)
     return [rng.normal(size=plan.stage_network(k).n_params) for k in range(1, plan.n_stages + 1)]
 
 
 @pytest.mark.parametrize("pretrain", ["previous", "input"])
 def test_transposed_init_is_the_transpose(pretrain):
-    plan = DeepPlan(9, (7, 5, 3), pretrain=pretrain, decoder_init="transpose")
+    plan = DeepArchitecture(9, (7, 5, 3), pretrain=pretrain, decoder_init="transpose")
     stages = _trained_like(plan)
     net = plan.network()
     Ws, bs = net.unpack(plan.assemble(stages))
@@ -141,7 +141,7 @@ def test_transposed_init_is_the_transpose(pretrain):
 
 
 def test_pretrained_init_uses_stage_decoders():
-    plan = DeepPlan(9, (7, 5, 3), pretrain="previous", decoder_init="pretrained")
+    plan = DeepArchitecture(9, (7, 5, 3), pretrain="previous", decoder_init="pretrained")
     stages = _trained_like(plan, 1)
     Ws, bs = plan.network().unpack(plan.assemble(stages))
     for k in range(1, 4):
@@ -150,7 +150,7 @@ def test_pretrained_init_uses_stage_decoders():
         np.testing.assert_array_equal(Ws[6 - k], W2)
         np.testing.assert_array_equal(bs[6 - k], b2)
     # "input" target: stage 1's decoder is the output layer; inner decoders are transposes
-    plan = DeepPlan(9, (7, 5, 3), pretrain="input", decoder_init="pretrained")
+    plan = DeepArchitecture(9, (7, 5, 3), pretrain="input", decoder_init="pretrained")
     stages = _trained_like(plan, 2)
     Ws, bs = plan.network().unpack(plan.assemble(stages))
     (W1, W2), (b1, b2) = plan.stage_network(1).unpack(stages[0])
@@ -163,10 +163,10 @@ def test_pretrained_init_uses_stage_decoders():
 
 
 def test_no_pretraining_is_random_init():
-    plan = DeepPlan(9, (7, 3), pretrain="none")
+    plan = DeepArchitecture(9, (7, 3), pretrain="none")
     assert plan.n_stages == 0
     np.testing.assert_array_equal(plan.assemble([], seed=3), plan.network().init_theta(3))
-    tied = DeepPlan(9, (7, 3), pretrain="none", decoder_init="transpose")
+    tied = DeepArchitecture(9, (7, 3), pretrain="none", decoder_init="transpose")
     Ws, _ = tied.network().unpack(tied.assemble([], seed=3))
     np.testing.assert_array_equal(Ws[3], Ws[0].T)
     np.testing.assert_array_equal(Ws[2], Ws[1].T)
@@ -176,7 +176,7 @@ def test_no_pretraining_is_random_init():
 @pytest.mark.parametrize("pretrain", ["previous", "input"])
 def test_each_pretraining_target_reduces_its_stage_cost(pretrain):
     X = _data(60, 16, seed=5)
-    plan = DeepPlan(
+    plan = DeepArchitecture(
         16, (10, 6, 3), code_activation="linear", lam=1e-4, rho=0.1, beta=0.5, pretrain=pretrain
     )
     res = pretrain_and_finetune(plan, X, max_iter=30, finetune_iter=30)
@@ -194,7 +194,7 @@ def test_each_pretraining_target_reduces_its_stage_cost(pretrain):
 
 
 def test_encode_and_reconstruct_shapes():
-    plan = DeepPlan(9, (7, 5, 3), code_activation="linear")
+    plan = DeepArchitecture(9, (7, 5, 3), code_activation="linear")
     net = plan.network()
     theta = net.init_theta(0)
     X = _data(4, 9)
@@ -232,20 +232,20 @@ def test_bad_sizes_are_named(n_visible, hidden, stages, field):
     with pytest.raises(ValueError, match=f"^{field}:"):
         validate_sizes(n_visible, hidden, stages)
     with pytest.raises(ValueError, match=f"^{field}:"):
-        DeepPlan(n_visible, tuple(hidden), stages=stages)
+        DeepArchitecture(n_visible, tuple(hidden), stages=stages)
 
 
 def test_bad_options_are_named():
     with pytest.raises(ValueError, match="^pretrain:"):
-        DeepPlan(10, (5, 3), pretrain="both")
+        DeepArchitecture(10, (5, 3), pretrain="both")
     with pytest.raises(ValueError, match="^decoder_init:"):
-        DeepPlan(10, (5, 3), decoder_init="mirror")
+        DeepArchitecture(10, (5, 3), decoder_init="mirror")
     with pytest.raises(ValueError, match="^rho:"):
-        DeepPlan(10, (5, 3), code_activation="linear", rho=(0.1, 0.1))
+        DeepArchitecture(10, (5, 3), code_activation="linear", rho=(0.1, 0.1))
     with pytest.raises(ValueError, match="activation"):
-        DeepPlan(10, (5, 3), activation="relu")
+        DeepArchitecture(10, (5, 3), activation="relu")
     # an overcomplete first layer is fine; only the code must not exceed the input
-    DeepPlan(10, (20, 5))
+    DeepArchitecture(10, (20, 5))
 
 
 # ------------------------------------------------------------------ on the cluster
@@ -274,7 +274,7 @@ def test_distributed_deep_objective_equals_in_memory(two_workers, digits_like, p
 
     path, X = digits_like
     sparse = (True, False, False) if passes == "fused" else (True, True, False)
-    plan = DeepPlan(
+    plan = DeepArchitecture(
         16,
         (10, 6, 3),
         code_activation="linear",
@@ -291,7 +291,7 @@ def test_distributed_deep_objective_equals_in_memory(two_workers, digits_like, p
     assert J == pytest.approx(J0, rel=1e-12) and _rel(g, g0) < 1e-12
     # each stage of both targets: inputs from the frozen encoders, computed in the tasks
     for pretrain in ("previous", "input"):
-        p = DeepPlan(
+        p = DeepArchitecture(
             16, (10, 6, 3), code_activation="linear", lam=1e-3, rho=0.2, beta=0.5, pretrain=pretrain
         )
         thetas = [p.stage_network(j).init_theta(j) + 0.02 for j in (1, 2)]
@@ -317,7 +317,7 @@ def _sae_optimize(f, theta0, max_iter):
     from sae.optimize import OptimizerState, minimize
 
     hist = []
-    from worker.deep import DEEP_LS_MAXITER
+    from worker.schedule import DEEP_LS_MAXITER
 
     state = minimize(
         f,
@@ -350,14 +350,15 @@ def _deep_spec(path, **kw):
 def test_train_deep_outputs_and_reference(two_workers, digits_like, tmp_path, pretrain):
     """The distributed pipeline writes every stage as a job and follows the in-memory
     reference (same optimizer) stage by stage."""
-    from worker.train import load_model, train
+    from worker.layout import load_model
+    from worker.train import train
 
     path, X = digits_like
     spec = _deep_spec(path, pretrain=pretrain)
     seen = []
     res = train(spec, tmp_path / "job", client=two_workers, on_iteration=seen.append)
     out = tmp_path / "job"
-    assert res.status == "succeeded" and res.plan == "deep"
+    assert res.status == "succeeded" and res.execution == "local"  # small data: next to them
     hist = json.loads((out / "history.json").read_text())
     names = ["pretrain 1/2", "pretrain 2/2", "finetune"]
     assert [e["stage"] for e in hist] == [n for n in names for _ in range(7)]
@@ -377,7 +378,7 @@ def test_train_deep_outputs_and_reference(two_workers, digits_like, tmp_path, pr
             np.testing.assert_array_equal(npz[f"W{l}"], Ws[l - 1])
             np.testing.assert_array_equal(npz[f"b{l}"], bs[l - 1])
     # the in-memory reference with the same optimizer
-    plan = DeepPlan(
+    plan = DeepArchitecture(
         16, (8, 4), code_activation="linear", lam=1e-4, rho=0.1, beta=0.5, pretrain=pretrain
     )
     ref = pretrain_and_finetune(plan, X, 6, 6, seed=2, minimizer=_sae_optimize)
@@ -389,31 +390,47 @@ def test_train_deep_outputs_and_reference(two_workers, digits_like, tmp_path, pr
 
 
 @pytest.mark.bitwise
-def test_resume_in_the_middle_of_a_stage(two_workers, digits_like, tmp_path):
-    """Stopped during stage 2, resumed: stage 1 is not rerun and the result is bitwise that of
-    the uninterrupted job."""
-    from worker.train import load_model, train
+@pytest.mark.parametrize("execution", ["distributed", "local"])
+def test_resume_in_the_middle_of_a_stage(two_workers, digits_like, tmp_path, execution):
+    """Stopped in stage 2, resumed: stage 1 is not rerun and the result is bitwise that of
+    the uninterrupted job, whether the stages run in the driver or as tasks next to the data.
+
+    In the driver the stop lands after iteration 3 of stage 2. A task learns of it by polling,
+    so there the stop is asked once stage 1 has ended: stage 2 stops before it evaluates."""
+    from worker.layout import load_model
+    from worker.train import train
 
     path, _ = digits_like
     spec = _deep_spec(path, pretrain="input", decoder_init="transpose")
-    full = train(spec, tmp_path / "full", client=two_workers)
-    assert full.status == "succeeded"
+    full = train(spec, tmp_path / "full", client=two_workers, execution=execution)
+    assert full.status == "succeeded" and full.execution == execution
     stop = [False]
+    at = ("pretrain 2/2", 3) if execution == "distributed" else ("pretrain 1/2", spec.max_iter)
 
     def on_it(e):
-        stop[0] = e["stage"] == "pretrain 2/2" and e["iteration"] == 3
+        stop[0] = stop[0] or (e["stage"], e["iteration"]) == at
 
     out = tmp_path / "cut"
-    cut = train(spec, out, client=two_workers, on_iteration=on_it, should_stop=lambda: stop[0])
-    assert cut.status == "cancelled"
+    cut = train(
+        spec,
+        out,
+        client=two_workers,
+        on_iteration=on_it,
+        should_stop=lambda: stop[0],
+        execution=execution,
+    )
+    assert cut.status == "cancelled" and cut.message.startswith("pretrain 2/2: ")
     assert (out / "stage-1" / "done.json").exists() and not (out / "stage-2" / "done.json").exists()
     s1 = (out / "stage-1" / "state.npz").stat().st_mtime_ns
     stop[0] = False
     seen = []
-    res = train(spec, out, client=two_workers, resume=True, on_iteration=seen.append)
+    res = train(
+        spec, out, client=two_workers, resume=True, on_iteration=seen.append, execution=execution
+    )
     assert res.status == "succeeded"
     assert (out / "stage-1" / "state.npz").stat().st_mtime_ns == s1  # stage 1 skipped
-    assert seen[0]["stage"] == "pretrain 2/2" and seen[0]["iteration"] == 4
+    first = 4 if execution == "distributed" else 0
+    assert seen[0]["stage"] == "pretrain 2/2" and seen[0]["iteration"] == first
     a, b = load_model(full.model_path)[1], load_model(res.model_path)[1]
     np.testing.assert_array_equal(a, b)
     ha = json.loads((tmp_path / "full" / "history.json").read_text())
@@ -426,7 +443,7 @@ def test_resume_in_the_middle_of_a_stage(two_workers, digits_like, tmp_path):
 def test_deep_spec_errors(two_workers, digits_like, tmp_path):
     from pydantic import ValidationError
 
-    from worker.deep import validate_deep
+    from worker.schedule import deep_architecture
     from worker.spec import TrainSpec
     from worker.train import train
 
@@ -438,13 +455,8 @@ def test_deep_spec_errors(two_workers, digits_like, tmp_path):
     with pytest.raises(ValidationError, match="hidden"):
         TrainSpec(dataset=path, hidden=[8, 0])
 
-    class WithStages:  # a spec asking for more stages than layers
-        hidden_sizes = [8, 4]
-        activation, code_activation, output_activation = "sigmoid", None, None
-        lam, rho, beta, pretrain, decoder_init, stages = 0.0, None, 0.0, "previous", "pretrained", 3
-
-    with pytest.raises(ValueError, match="^stages:"):
-        validate_deep(WithStages(), 16)
+    with pytest.raises(ValueError, match="^stages:"):  # more stages than layers
+        deep_architecture(TrainSpec(dataset=path, hidden=[8, 4], stages=3), 16)
 
 
 # ------------------------------------------------------------------ sae encode / reconstruct
@@ -453,13 +465,13 @@ def test_cli_encode_and_reconstruct(digits_like, tmp_path, hidden):
     from click.testing import CliRunner
 
     from service.cli import main
-    from worker.train import save_model
+    from worker.layout import save_model
 
     path, X = digits_like
     if len(hidden) == 1:
         net = sae.Network.autoencoder(16, 5)
     else:
-        net = DeepPlan(16, hidden, code_activation="linear").network()
+        net = DeepArchitecture(16, hidden, code_activation="linear").network()
     theta = net.init_theta(7) + 0.05
     save_model(tmp_path / "model.npz", net, theta, {"note": "test"})
     run = CliRunner().invoke
@@ -520,7 +532,8 @@ def test_cli_encode_and_reconstruct(digits_like, tmp_path, hidden):
 
 def test_train_deep_without_pretraining(two_workers, digits_like, tmp_path):
     """pretrain="none": one fine-tuning stage from the random init of the unrolled network."""
-    from worker.train import load_model, train
+    from worker.layout import load_model
+    from worker.train import train
 
     path, X = digits_like
     spec = _deep_spec(path, pretrain="none", finetune_iter=4)
@@ -528,7 +541,7 @@ def test_train_deep_without_pretraining(two_workers, digits_like, tmp_path):
     hist = json.loads((tmp_path / "none" / "history.json").read_text())
     assert res.status == "succeeded" and {e["stage"] for e in hist} == {"finetune"}
     assert not list((tmp_path / "none").glob("stage-*"))
-    plan = DeepPlan(16, (8, 4), code_activation="linear", lam=1e-4, pretrain="none")
+    plan = DeepArchitecture(16, (8, 4), code_activation="linear", lam=1e-4, pretrain="none")
     J0, _ = sae.cost(plan.network(), plan.random_theta(2), X)
     assert hist[0]["cost"] == pytest.approx(J0, rel=1e-12)
     assert hist[-1]["cost"] < hist[0]["cost"]
@@ -541,8 +554,9 @@ def test_resume_reads_finished_stages_from_their_fsynced_state(two_workers, digi
     """model.npz of a finished stage is written without fsync: after a power loss it may be
     stale or torn. Resume takes the parameters from state.npz (fsynced before done.json),
     and names the files when neither can be read."""
-    from worker.deep import CheckpointError
-    from worker.train import load_model, save_model, train
+    from worker.job import CheckpointError
+    from worker.layout import load_model, save_model
+    from worker.train import train
 
     path, _ = digits_like
     spec = _deep_spec(path, max_iter=4, finetune_iter=3)

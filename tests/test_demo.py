@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from PIL import Image
 
 from service.cli import main
-from worker.train import load_model
+from worker.layout import load_model
 
 
 def test_demo_writes_filters_model_and_history(tmp_path):

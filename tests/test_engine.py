@@ -13,17 +13,11 @@ import pytest
 
 from sae import objective as obj
 from sae.network import Network
+from worker.chunks import cache_stats, clear_cache
 from worker.dataset import ChunkError, write_dataset
-from worker.engine import (
-    Cancelled,
-    DistributedObjective,
-    LocalObjective,
-    cache_stats,
-    clear_cache,
-    sequential_tree_sum,
-    tree_levels,
-)
+from worker.engine import Cancelled, DistributedObjective, LocalObjective
 from worker.memwatch import peak_rss, start_rss_sampler, stop_rss_sampler
+from worker.tree import sequential_tree_sum, tree_levels
 
 
 def _data(m: int, n: int, seed: int = 0) -> np.ndarray:
@@ -86,21 +80,21 @@ def test_float32_close(two_workers, small):
     assert _rel(g, g0) <= 1e-4
 
 
-@pytest.mark.parametrize("target", ["inputs", "raw"])
+@pytest.mark.parametrize("target", ["previous", "input"])
 @pytest.mark.parametrize("passes", ["two", "fused"])
 def test_frozen_encoder(two_workers, small, target, passes):
     path, X = small
     enc = Network(sizes=(36, 12), activations=("sigmoid",))
     enc_theta = enc.init_theta(4)
     H = obj.forward(enc, enc_theta, X)[-1]
-    out = 36 if target == "raw" else None
+    out = 36 if target == "input" else None
     net = Network.autoencoder(12, 5, lam=1e-3, rho=0.1, beta=1.0, output_size=out)
     theta = net.init_theta(5)
     f = DistributedObjective(
         two_workers, path, net, passes=passes, encoder=(enc, enc_theta), target=target, job="enc"
     )
     J, g = f(theta)
-    J0, g0 = obj.cost(net, theta, H, Y=X if target == "raw" else None)
+    J0, g0 = obj.cost(net, theta, H, Y=X if target == "input" else None)
     assert abs(J - J0) <= 1e-12 * abs(J0) and _rel(g, g0) <= 1e-12
 
 
@@ -141,7 +135,7 @@ def test_bitwise_across_worker_counts_cache_and_local_twin(two_workers, small):
                     )(theta),
                 )
             )
-    with get_client(workers=1, memory_limit="1GB", dashboard=False) as (c1, _):
+    with get_client(workers=1, memory_limit="1GB") as (c1, _):
         for passes in ("two", "fused"):
             for cache in (False, True):
                 results.append(
@@ -288,7 +282,7 @@ def test_memory_bounded_out_of_core(tmp_path):
     write_dataset(path, blocks(), m, n, dtype="uint8", chunk_rows=rows, scale=1 / 255)
     net = Network.autoencoder(n, 4, lam=1e-4, rho=0.1, beta=1.0)
     theta = net.init_theta(0)
-    with get_client(workers=2, memory_limit=limit, dashboard=False) as (c, _):
+    with get_client(workers=2, memory_limit=limit) as (c, _):
         f = DistributedObjective(c, str(path), net, passes="two", dtype="float64", job="big")
         assert f.cache_bytes == 0  # 1.3 GB does not fit in 2 x 350 MB: out of core
         assert f._stage_nbytes() >= 2 * 2 * limit

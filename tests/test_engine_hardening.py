@@ -10,13 +10,9 @@ import numpy as np
 import pytest
 
 from sae.network import Network
-from worker.engine import (
-    LocalObjective,
-    evaluate_chunks,
-    sequential_tree_sum,
-    streaming_tree_sum,
-    tree_levels,
-)
+from worker.chunks import evaluate_chunks
+from worker.engine import LocalObjective
+from worker.tree import sequential_tree_sum, streaming_tree_sum, tree_levels
 
 NET = Network.autoencoder(6, 3, lam=1e-4, rho=0.1, beta=3.0)
 
@@ -159,8 +155,9 @@ def busy_workers(two_workers, tmp_path):
 def test_cancel_while_workers_are_busy_returns(two_workers, busy_workers, tmp_path, plan):
     """A cancel while the job's tasks wait behind another job's: train returns (with
     the initial parameters, status cancelled) before the other job ends."""
+    from worker.layout import load_model
     from worker.spec import TrainSpec
-    from worker.train import load_model, train
+    from worker.train import train
 
     X = np.random.default_rng(0).random((300, 6))
     path = tmp_path / "d"
@@ -174,7 +171,7 @@ def test_cancel_while_workers_are_busy_returns(two_workers, busy_workers, tmp_pa
         calls[0] += 1
         return calls[0] > 2
 
-    r = train(spec, tmp_path / "job", client=two_workers, should_stop=stop, plan=plan)
+    r = train(spec, tmp_path / "job", client=two_workers, should_stop=stop, execution=plan)
     assert not any(f.done() for f in busy_workers)  # returned before the blockers ended
     assert r.status == "cancelled" and r.iterations == 0
     net, theta, _ = load_model(r.model_path)
@@ -291,7 +288,7 @@ def test_cli_encode_reconstruct_corrupt_chunk_names_it(tmp_path, command):
 
     from sae.network import Network
     from service.cli import main
-    from worker.train import save_model
+    from worker.layout import save_model
 
     path, _ = _small_dataset(tmp_path)
     (tmp_path / "d" / "X" / "c" / "1" / "0").write_bytes(b"not a chunk")
@@ -328,38 +325,33 @@ def test_local_stage_fresh_run_ignores_a_left_over_state(tmp_path):
     (it appeared after train() cleared the folder); a rerun of the same task (its start
     marker exists) resumes."""
     from sae.optimize import OptimizerState
-    from worker.train import OWNER, STARTED_PREFIX, run_local_stage
+    from worker.execution import run_local_stage
+    from worker.layout import OWNER, STARTED_PREFIX
+    from worker.stage import Stage
 
     path, _ = _small_dataset(tmp_path, rows=90, chunk_rows=30)
     net = Network.autoencoder(6, 3, lam=1e-4, rho=0.1, beta=3.0)
-    kw = dict(
-        passes="two",
-        dtype="float64",
-        optimizer="lbfgs",
-        options={},
-        max_iter=6,
-        sample_shape=None,
-        metadata={},
-    )
+    kw = dict(max_iter=6, execution="local", pictures=False)
 
     def run(out, theta0, owner, resume):
         out.mkdir(exist_ok=True)
         (out / OWNER).write_text(owner)
-        return run_local_stage(path, net, theta0, str(out), owner=owner, resume=resume, **kw)
+        stage = Stage.of(net, theta0, out, **kw)
+        return run_local_stage(stage, path, owner=owner, resume=resume)
 
     ref = run(tmp_path / "ref", net.init_theta(1), "a", False)
     # An older run (other initial parameters) left its checkpoint in the folder.
     out = tmp_path / "job"
     run(out, net.init_theta(2), "old", False)
     old_state = OptimizerState.load(out / "state.npz")
-    assert not np.array_equal(old_state.theta, ref["theta"])
+    assert not np.array_equal(old_state.theta, ref.theta)
     fresh = run(out, net.init_theta(1), "new", False)
-    assert np.array_equal(fresh["theta"], ref["theta"]) and fresh["iterations"] == 6
+    assert np.array_equal(fresh.theta, ref.theta) and fresh.iterations == 6
     assert not list(out.glob(STARTED_PREFIX + "*"))  # removed when the task finishes
     # A rerun: the marker of this owner exists, so it continues the checkpoint.
     kw["max_iter"] = 8
     (out / f"{STARTED_PREFIX}again").touch()
     rerun = run(out, net.init_theta(2), "again", False)
-    assert rerun["iterations"] == 8
+    assert rerun.iterations == 8
     cont = run(tmp_path / "ref", net.init_theta(1), "a", True)  # resume as asked
-    assert np.array_equal(rerun["theta"], cont["theta"])
+    assert np.array_equal(rerun.theta, cont.theta)

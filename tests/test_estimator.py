@@ -13,7 +13,7 @@ from sklearn.utils.estimator_checks import check_estimator
 from sae import objective as obj
 from worker.dataset import write_dataset
 from worker.estimator import SparseAutoencoder
-from worker.train import build_network
+from worker.schedule import build_network
 
 
 def _sigmoid(z):

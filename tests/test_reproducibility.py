@@ -20,14 +20,14 @@ from threadpoolctl import ThreadpoolController, threadpool_limits
 from sae import objective as obj
 from sae.blas import blas_ready
 from sae.network import Network
-from worker.dataset import open_dataset, write_dataset
-from worker.engine import (
+from worker.chunks import (
     ChunkSource,
     _chunk_fused,
     _chunk_pass1,
     _chunk_pass2,
     _finalize_one,
 )
+from worker.dataset import open_dataset, write_dataset
 from worker.threads import blas_threads, one_blas_thread
 
 pytestmark = pytest.mark.bitwise
@@ -261,7 +261,7 @@ def test_optimizer_steps_do_not_depend_on_the_process_blas_threads(tmp_path):
     """L-BFGS's dot products over 25,828 parameters (a threaded ddot splits vectors of 20,000+
     entries) give the same trajectory in a 2-thread process as in a 1-thread one."""
     from worker.engine import LocalObjective
-    from worker.train import train_stage
+    from worker.stage import Hooks, Stage, run_stage
 
     X = np.random.default_rng(8).random((300, 128))
     path = tmp_path / "ds"
@@ -271,15 +271,10 @@ def test_optimizer_steps_do_not_depend_on_the_process_blas_threads(tmp_path):
     thetas = []
     for threads in (1, 2):
         with threadpool_limits(threads, user_api="blas"):
-            res = train_stage(
-                net,
-                net.init_theta(0),
-                LocalObjective(str(path), net),
-                tmp_path / f"run{threads}",
-                max_iter=6,
-                write_pictures=False,
-                write_cost=False,
+            stage = Stage.of(
+                net, net.init_theta(0), tmp_path / f"run{threads}", max_iter=6, pictures=False
             )
+            res = run_stage(stage, LocalObjective(str(path), net), Hooks(), write_cost=False)
             assert blas_threads() == threads
         assert res.iterations == 6
         thetas.append(res.theta)

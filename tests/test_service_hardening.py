@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from service import datasets
-from service.runner import Runner, stage_of, total_iterations
+from service.runner import Runner, stage_of
 from service.settings import Settings
 from service.store import JobStore
 from tests.service_fixtures import Server, tiny_data, wait_job, write_tiny
@@ -300,7 +300,7 @@ def test_health_hides_the_cluster_from_strangers(tok_srv):
 
 def test_deep_progress_follows_spec_stages():
     spec = TrainSpec(dataset="p", hidden=[8, 4, 8], max_iter=10, finetune_iter=5, stages=1)
-    assert spec.total_iterations() == total_iterations(spec) == 15
+    assert spec.total_iterations() == 15
     assert stage_of({"stage": "pretrain 1/1", "iteration": 3}, spec) == ("pretrain 1 of 1", 0)
     assert stage_of({"stage": "finetune"}, spec) == ("fine-tune", 10)
     none = TrainSpec(dataset="p", hidden=[8, 4], max_iter=10, finetune_iter=5, pretrain="none")
@@ -309,9 +309,6 @@ def test_deep_progress_follows_spec_stages():
     three = TrainSpec(dataset="p", hidden=[8, 6, 4], max_iter=10, finetune_iter=5)
     assert three.total_iterations() == 35
     assert stage_of({"stage": "pretrain 2/3"}, three) == ("pretrain 2 of 3", 10)
-    from service.cli_train import total_iterations as cli_total
-
-    assert cli_total(spec) == 15 and cli_total(none) == 5
 
 
 # --------------------------------------------------------------- 12. idempotent retries

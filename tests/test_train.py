@@ -14,8 +14,10 @@ from click.testing import CliRunner
 from sae import objective as obj
 from sae.optimize import OptimizerState
 from worker.dataset import ChunkError, write_dataset
+from worker.layout import load_model
+from worker.schedule import build_network
 from worker.spec import TrainSpec
-from worker.train import build_network, load_model, train
+from worker.train import train
 
 
 @pytest.fixture(scope="module")
@@ -50,11 +52,11 @@ def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
         _spec(path),
         out,
         client=two_workers,
-        plan=plan,
+        execution=plan,
         engine_options=PER_CHUNK,
         on_iteration=seen.append,
     )
-    assert res.status == "succeeded" and res.plan == plan
+    assert res.status == "succeeded" and res.execution == plan
     hist = json.loads((out / "history.json").read_text())
     assert isinstance(hist, list) and hist[0]["iteration"] == 0
     assert [e["iteration"] for e in hist] == list(range(len(hist)))
@@ -80,7 +82,7 @@ def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
     for name in ("filters.png", "cost.png", "state.npz", "job.json"):
         assert (out / name).stat().st_size > 0
     job = json.loads((out / "job.json").read_text())
-    assert job["plan"] == plan and job["dashboard"].startswith("http")
+    assert job["execution"] == [plan] and job["dashboard"].startswith("http")
     assert OptimizerState.load(out / "state.npz").iteration == 12
 
 
@@ -88,8 +90,10 @@ def test_train_outputs_and_history(two_workers, patches, tmp_path, plan):
 def test_local_and_distributed_plans_agree_bitwise(two_workers, patches, tmp_path):
     path, _ = patches
     spec = _spec(path, max_iter=8, passes="fused")
-    train(spec, tmp_path / "a", client=two_workers, plan="local")
-    train(spec, tmp_path / "b", client=two_workers, plan="distributed", engine_options=PER_CHUNK)
+    train(spec, tmp_path / "a", client=two_workers, execution="local")
+    train(
+        spec, tmp_path / "b", client=two_workers, execution="distributed", engine_options=PER_CHUNK
+    )
     assert np.array_equal(_theta(tmp_path / "a"), _theta(tmp_path / "b"))
 
 
@@ -111,7 +115,7 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
     # it enough iterations to still be running then.
     n = 15 if plan == "distributed" else 300
     spec = _spec(path, max_iter=n)
-    train(spec, tmp_path / "full", client=two_workers, plan=plan, engine_options=PER_CHUNK)
+    train(spec, tmp_path / "full", client=two_workers, execution=plan, engine_options=PER_CHUNK)
     out = tmp_path / "cut"
     seen: list[dict] = []
 
@@ -122,7 +126,7 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
         spec,
         out,
         client=two_workers,
-        plan=plan,
+        execution=plan,
         engine_options=PER_CHUNK,
         on_iteration=seen.append,
         should_stop=stop,
@@ -132,7 +136,9 @@ def test_cancel_then_resume_is_bitwise_uninterrupted(two_workers, patches, tmp_p
     assert 5 <= done < n
     hist = json.loads((out / "history.json").read_text())
     assert hist[-1]["iteration"] == done
-    res2 = train(spec, out, client=two_workers, plan=plan, engine_options=PER_CHUNK, resume=True)
+    res2 = train(
+        spec, out, client=two_workers, execution=plan, engine_options=PER_CHUNK, resume=True
+    )
     assert res2.status == "succeeded" and res2.iterations == n
     assert np.array_equal(_theta(out), _theta(tmp_path / "full"))
     hist = json.loads((out / "history.json").read_text())
@@ -146,7 +152,7 @@ def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
     path, _ = patches
     n = 10 if plan == "distributed" else 120  # the local task must still run at iteration 3
     spec = _spec(path, max_iter=n)
-    train(spec, tmp_path / "ref", client=two_workers, plan=plan, engine_options=PER_CHUNK)
+    train(spec, tmp_path / "ref", client=two_workers, execution=plan, engine_options=PER_CHUNK)
     pids = two_workers.run(os.getpid)
     killed = []
 
@@ -164,7 +170,7 @@ def test_worker_killed_during_job(two_workers, patches, tmp_path, plan):
         spec,
         tmp_path / "hit",
         client=two_workers,
-        plan=plan,
+        execution=plan,
         engine_options=PER_CHUNK,
         on_iteration=on_iteration,
     )
@@ -199,7 +205,7 @@ def test_bad_chunk_fails_the_job_naming_it(two_workers, tmp_path):
                 _spec(str(path), hidden=4),
                 tmp_path / plan,
                 client=two_workers,
-                plan=plan,
+                execution=plan,
                 engine_options=PER_CHUNK,
             )
 
@@ -297,19 +303,17 @@ def test_cli_bad_spec_is_a_clean_message(patches, tmp_path, args, field):
 @pytest.mark.bitwise
 def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers, patches, tmp_path):
     from worker.engine import DistributedObjective
-    from worker.train import train_stage
+    from worker.stage import Hooks, Stage, run_stage
 
     path, _ = patches
     net = build_network(_spec(path), 36)
     theta0 = net.init_theta(7)
-    full = train_stage(
-        net,
-        theta0,
-        DistributedObjective(two_workers, path, net),
-        tmp_path / "full",
-        max_iter=10,
-        write_pictures=False,
-        write_cost=False,
+
+    def stage(name: str) -> Stage:
+        return Stage.of(net, theta0, tmp_path / name, max_iter=10, pictures=False)
+
+    full = run_stage(
+        stage("full"), DistributedObjective(two_workers, path, net), Hooks(), write_cost=False
     )
     calls = [0]
 
@@ -318,18 +322,12 @@ def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers,
         return calls[0] > 7
 
     f = DistributedObjective(two_workers, path, net, should_stop=stop_at_seventh_evaluation)
-    cut = train_stage(net, theta0, f, tmp_path / "cut", max_iter=10, write_pictures=False)
+    cut = run_stage(stage("cut"), f, Hooks())
     assert cut.status == "cancelled" and f.n_evals == 7
     state = OptimizerState.load(tmp_path / "cut" / "state.npz")
     assert state.n_evals <= 7 and cut.iterations == state.iteration < 10
-    again = train_stage(
-        net,
-        theta0,
-        DistributedObjective(two_workers, path, net),
-        tmp_path / "cut",
-        max_iter=10,
-        resume=True,
-        write_pictures=False,
+    again = run_stage(
+        stage("cut"), DistributedObjective(two_workers, path, net), Hooks(), resume=True
     )
     assert again.status == "succeeded" and again.iterations == 10
     assert np.array_equal(again.theta, full.theta)
@@ -348,6 +346,10 @@ def test_local_task_stops_when_superseded(two_workers, patches, tmp_path):
             (out / ".owner").write_text("someone else")
 
     res = train(
-        _spec(path, max_iter=300), out, client=two_workers, plan="local", on_iteration=take_over
+        _spec(path, max_iter=300),
+        out,
+        client=two_workers,
+        execution="local",
+        on_iteration=take_over,
     )
     assert res.status == "cancelled" and res.iterations < 300

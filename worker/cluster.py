@@ -9,7 +9,6 @@ Nothing here runs at import time; :func:`get_client` is a context manager::
 from __future__ import annotations
 
 import contextlib
-import os
 from collections.abc import Iterator
 
 #: Environment of worker processes: BLAS uses exactly the threads Dask gives it per task.
@@ -33,7 +32,6 @@ def get_client(
     workers: int = 2,
     threads_per_worker: int = 1,
     memory_limit: str | int | None = "auto",
-    dashboard: bool = True,
     quiet: bool = True,
     connect_timeout: float | None = None,
 ) -> Iterator[tuple[object, object | None]]:
@@ -50,8 +48,6 @@ def get_client(
         Threads of each worker; every task runs BLAS on one thread.
     memory_limit : str or int or None
         Memory limit of each embedded worker (``"auto"``, ``"700MB"``, bytes, None/0 for none).
-    dashboard : bool
-        Kept for callers; an embedded cluster always serves its dashboard on a free port.
     quiet : bool
         Silence the cluster's informational logging.
     connect_timeout : float, optional
@@ -60,8 +56,8 @@ def get_client(
     Yields
     ------
     (client, cluster)
-        ``cluster`` is the LocalCluster, or None when connected to ``scheduler``. The
-        dashboard URL is ``client.dashboard_link``.
+        ``cluster`` is the LocalCluster, or None when connected to ``scheduler``. An
+        embedded cluster serves its dashboard on a free port (``client.dashboard_link``).
 
     Raises
     ------
@@ -107,11 +103,6 @@ def get_client(
             client.close()
     finally:
         cluster.close()
-
-
-def worker_pids(client) -> dict[str, int]:
-    """Process id of every worker."""
-    return client.run(os.getpid)
 
 
 def dashboard_link(client) -> str | None:

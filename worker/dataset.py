@@ -387,30 +387,44 @@ def write_id(path: str | os.PathLike) -> str | None:
     return str(wid) if wid else None
 
 
-def _metadata_token(path: str) -> tuple | None:
-    """Identity of a dataset's current version: (inode, mtime) of a local dataset's array
-    metadata, the ``write_id`` of a remote one (None when unknown).
+def dataset_version(path: str | os.PathLike) -> str | None:
+    """The identity of a dataset's current version: it changes whenever the dataset is
+    rewritten, so nothing cached from an old version (an open array, decoded chunks, a value
+    range) is used for a new one.
 
-    A rewritten dataset gets a new token, so a long-lived worker never reads it with the
-    old shape or chunking.
+    Local datasets: the inode, mtime and size of the group's ``zarr.json`` (a rewrite moves a
+    new folder into place). Remote stores, whose metadata has no inode: the ``write_id`` of the
+    write, or for a dataset written before ``write_id`` a hash of the group's metadata.
+    None when unknown (callers then cache nothing).
     """
-    if not _is_local(path):
-        wid = write_id(path)
-        return ("write_id", wid) if wid else ("uncached", uuid.uuid4().hex)
+    p = str(path)
+    if _is_local(p):
+        try:
+            st = os.stat(_local(p) / "zarr.json")
+        except OSError:
+            return None
+        return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
+    wid = write_id(p)
+    if wid:
+        return f"w-{wid}"
     try:
-        st = os.stat(_local(path) / ARRAY_NAME / "zarr.json")
-    except OSError:
+        import hashlib
+
+        import fsspec
+
+        with fsspec.open(p.rstrip("/") + "/zarr.json", "rb") as fh:
+            return hashlib.sha1(fh.read()).hexdigest()[:16]
+    except Exception:  # noqa: BLE001 - unknown: callers cache nothing
         return None
-    return st.st_ino, st.st_mtime_ns
 
 
 @functools.lru_cache(maxsize=32)
-def _open_array_cached(path: str, token: tuple | None) -> zarr.Array:
+def _open_array_cached(path: str, version: str) -> zarr.Array:
     return zarr.open_group(path, mode="r")[ARRAY_NAME]
 
 
 def _open_array(path: str) -> zarr.Array:
-    return _open_array_cached(path, _metadata_token(path))
+    return _open_array_cached(path, dataset_version(path) or uuid.uuid4().hex)
 
 
 _open_array.cache_clear = _open_array_cached.cache_clear  # type: ignore[attr-defined]

@@ -28,16 +28,17 @@ small dataset (one chunk, or up to :data:`SINGLE_TASK_BYTES`) is evaluated by on
 - theta is inlined in the tasks when small, else embedded once in the graph (as is a frozen
   encoder), never sent once per task.
 
-Bitwise equality (across worker counts, plans, recomputations and :class:`LocalObjective`)
+Bitwise equality (across worker counts, executions, recomputations and :class:`LocalObjective`)
 holds because the engine fixes what a BLAS result depends on besides its inputs' values:
 
 - layout and alignment: the math hands BLAS C-contiguous, item-aligned arrays
   (:func:`sae.blas.blas_ready`); theta arriving in a task as a view at an odd byte offset of a
   message frame is copied first, so ``X @ W.T`` is always the same GEMM case;
-- threads: every task function here that computes (chunk sums, finalize, the whole-dataset
-  task; the tree's additions are elementwise), :class:`LocalObjective` and the optimizer loop
-  of a stage run with one BLAS thread (:func:`worker.threads.one_blas_thread`, set at run
-  time, whatever the process's environment or the workers' ``OMP_NUM_THREADS``).
+- threads: every task function that computes (chunk sums, finalize and the whole-dataset
+  task in :mod:`worker.chunks`; the tree's additions are elementwise), :class:`LocalObjective`
+  and the optimizer loop of a stage run with one BLAS thread
+  (:func:`worker.threads.one_blas_thread`, set at run time, whatever the process's
+  environment or the workers' ``OMP_NUM_THREADS``).
 
 What remains is the BLAS kernel itself: sums are bitwise the same wherever they run with one
 kernel (OpenBLAS picks SkylakeX on AVX-512 CPUs, Haswell on AVX2, or ``OPENBLAS_CORETYPE``);
@@ -49,29 +50,35 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import os
 import re
-import threading
 import time
 import uuid
 import zlib
-from collections import OrderedDict
-from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Literal
+from typing import Any
 
 import numpy as np
 
 from sae import objective as obj
 from sae.blas import blas_ready
 from sae.network import Network
-from worker.dataset import ChunkError, DatasetInfo, open_dataset, read_chunk, write_id
-from worker.threads import one_blas_thread, single_threaded
+from worker.chunks import (
+    ChunkSource,
+    Passes,
+    Target,
+    _chunk_fused,
+    _chunk_pass1,
+    _finalize_one,
+    _finalize_two,
+    _pass2_given_sums1,
+    _stage_data,
+    _whole,
+    evaluate_chunks,
+)
+from worker.dataset import DatasetInfo, dataset_version, open_dataset
+from worker.threads import one_blas_thread
+from worker.tree import DEFAULT_FAN_IN, _sum, tree_sum
 
-Passes = Literal["two", "fused"]
-Target = Literal["inputs", "raw"]
-
-DEFAULT_FAN_IN = 8
 #: Datasets up to this size (decoded) are evaluated by one task (no scheduling per chunk).
 SINGLE_TASK_BYTES = 4 * 2**20
 #: theta is inlined in every task while (theta bytes x chunks) stays under this.
@@ -89,365 +96,13 @@ class Cancelled(Exception):
     """Raised by an objective when its ``should_stop`` callback asks to stop."""
 
 
-# --------------------------------------------------------------------------- worker side
-
-
-@dataclass(frozen=True)
-class ChunkSource:
-    """Where a task finds its chunk, and how to turn it into the stage's inputs and targets.
-
-    Attributes
-    ----------
-    path : str
-        Dataset path or URL.
-    token : str
-        Dataset identity (changes when the dataset is rewritten): part of the cache key.
-    dtype : {"float64", "float32"}
-        Compute dtype (chunks are decoded to it).
-    scale : float
-        Dataset scale attribute.
-    encoder_token : str
-        Identity of the frozen encoder ("" for none).
-    target : {"inputs", "raw"}
-        Targets of the stage: its inputs, or the raw chunk (only with an encoder).
-    cache_bytes : int
-        Bound of the worker's chunk cache in bytes; 0 disables caching.
-    """
-
-    path: str
-    token: str
-    dtype: str
-    scale: float
-    encoder_token: str = ""
-    target: str = "inputs"
-    cache_bytes: int = 0
-
-
-class _ChunkCache:
-    """A bytes-bounded LRU of decoded chunks, one per worker process (module level)."""
-
-    def __init__(self) -> None:
-        self._items: OrderedDict[tuple, tuple[tuple[np.ndarray | None, ...], int]] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._lock = threading.Lock()
-
-    def get(self, key: tuple):
-        with self._lock:
-            item = self._items.get(key)
-            if item is None:
-                self.misses += 1
-                return None
-            self._items.move_to_end(key)
-            self.hits += 1
-            return item[0]
-
-    def put(self, key: tuple, value: tuple, limit: int) -> None:
-        size = sum(a.nbytes for a in value if a is not None)
-        with self._lock:
-            if key in self._items:
-                return
-            if size > limit:
-                return
-            # Evict entries of other datasets/dtypes first, then least recently used.
-            stale = [k for k in self._items if k[:2] != key[:2] or k[2:3] != key[2:3]]
-            for k in stale:
-                self._drop(k)
-            while self._items and self.nbytes + size > limit:
-                self._drop(next(iter(self._items)))
-            self._items[key] = (value, size)
-            self.nbytes += size
-
-    def _drop(self, key: tuple) -> None:
-        _, size = self._items.pop(key)
-        self.nbytes -= size
-
-    def clear(self) -> None:
-        with self._lock:
-            self._items.clear()
-            self.nbytes = 0
-            self.hits = self.misses = 0
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "entries": len(self._items),
-                "nbytes": self.nbytes,
-                "hits": self.hits,
-                "misses": self.misses,
-            }
-
-
-_CACHE = _ChunkCache()
-
-
-def cache_stats() -> dict[str, int]:
-    """This process's chunk-cache figures (run on workers with ``client.run``)."""
-    return _CACHE.stats()
-
-
-def clear_cache() -> None:
-    """Empty this process's chunk cache (run on workers with ``client.run``)."""
-    _CACHE.clear()
-
-
-def _stage_data(
-    src: ChunkSource, i: int, encoder: tuple[Network, np.ndarray] | None
-) -> tuple[np.ndarray, np.ndarray | None]:
-    """Inputs X and targets Y (None: Y = X) of chunk ``i`` for the stage."""
-    key = (src.path, src.token, src.dtype, src.encoder_token, src.target, i)
-    if src.cache_bytes > 0:
-        hit = _CACHE.get(key)
-        if hit is not None:
-            return hit
-    raw = read_chunk(src.path, i, src.dtype, src.scale)
-    if encoder is None:
-        out: tuple[np.ndarray, np.ndarray | None] = (raw, None)
-    else:
-        enc_net, enc_theta = encoder
-        X = obj.forward(enc_net, enc_theta, raw, dtype=src.dtype)[-1]
-        out = (X, raw if src.target == "raw" else None)
-    if src.cache_bytes > 0:
-        _CACHE.put(key, out, src.cache_bytes)
-    return out
-
-
-@single_threaded
-def _chunk_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None):
-    X, _ = _stage_data(src, i, encoder)
-    return obj.pass1(net, theta, X, dtype=src.dtype)
-
-
-@single_threaded
-def _chunk_pass2(
-    net: Network, theta: np.ndarray, src: ChunkSource, i: int, rho_hat: dict, encoder=None
-):
-    X, Y = _stage_data(src, i, encoder)
-    return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype)
-
-
-@single_threaded
-def _chunk_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None):
-    X, Y = _stage_data(src, i, encoder)
-    return obj.fused(net, theta, X, Y=Y, dtype=src.dtype)
-
-
-def _sum(*parts: obj.Sums) -> obj.Sums:
-    """Add partial sums left to right (a fixed order)."""
-    total = parts[0]
-    for p in parts[1:]:
-        total = obj.add_sums(total, p)
-    return total
-
-
-@single_threaded
-def _pass2_given_sums1(
-    net: Network, theta: np.ndarray, src: ChunkSource, i: int, sums1: obj.Sums, encoder=None
-):
-    X, Y = _stage_data(src, i, encoder)
-    return obj.pass2(net, theta, X, obj.rho_hat(net, sums1), Y=Y, dtype=src.dtype)
-
-
-@single_threaded
-def _finalize_two(net: Network, theta: np.ndarray, s1: obj.Sums, *parts: obj.Sums):
-    return obj.finalize(net, theta, obj.merge_sums(s1, _sum(*parts)))
-
-
-@single_threaded
-def _finalize_one(net: Network, theta: np.ndarray, *parts: obj.Sums):
-    return obj.finalize(net, theta, _sum(*parts))
-
-
-@single_threaded
-def evaluate_chunks(
-    net: Network,
-    theta: np.ndarray,
-    chunks,
-    passes: Passes,
-    dtype: str,
-    m: int,
-    fan_in: int = DEFAULT_FAN_IN,
-    n_chunks: int | None = None,
-) -> tuple[float, np.ndarray]:
-    """The objective from an iterable of ``(X, Y)`` chunk pairs, in one process, with the
-    same chunk sums and the same fixed-shape tree as the distributed graph (same bits).
-
-    ``chunks`` is called twice (a callable returning an iterable) for two passes. With
-    ``n_chunks`` given, the sums are reduced while they stream (:func:`streaming_tree_sum`):
-    at most O(fan_in x depth) chunk sums are alive at once, not one per chunk.
-    """
-
-    def reduce(parts) -> obj.Sums:
-        if n_chunks is None:
-            return sequential_tree_sum(list(parts), fan_in)
-        return streaming_tree_sum(parts, n_chunks, fan_in)
-
-    if passes == "fused":
-        total = reduce(obj.fused(net, theta, X, Y=Y, dtype=dtype) for X, Y in chunks())
-        return obj.finalize(net, theta, total)
-    if net.sparse_layers:
-        s1 = reduce(obj.pass1(net, theta, X, dtype=dtype) for X, _ in chunks())
-        rh = obj.rho_hat(net, s1)
-    else:
-        s1 = {"count": np.float64(m)}
-        rh = {}
-    s2 = reduce(obj.pass2(net, theta, X, rh, Y=Y, dtype=dtype) for X, Y in chunks())
-    return obj.finalize(net, theta, obj.merge_sums(s1, s2))
-
-
-@single_threaded
-def _whole(
-    net: Network,
-    theta: np.ndarray,
-    src: ChunkSource,
-    n: int,
-    m: int,
-    passes: str,
-    fan_in: int,
-    encoder=None,
-):
-    """One task evaluating the whole objective of a small dataset."""
-
-    def chunks():
-        return (_stage_data(src, i, encoder) for i in range(n))
-
-    return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in, n_chunks=n)
-
-
-# --------------------------------------------------------------------------- the tree
-
-
-def tree_levels(n: int, fan_in: int = DEFAULT_FAN_IN) -> list[list[tuple[int, int]]]:
-    """The fixed shape of the reduction tree over ``n`` leaves.
-
-    Consecutive groups of ``fan_in`` nodes are added level by level until at most ``fan_in``
-    nodes remain; those are added by the root. The shape depends only on ``n`` and
-    ``fan_in``.
-
-    Returns
-    -------
-    levels : list of list of (start, stop)
-        For each inner level, the ranges of the previous level's nodes each node adds (a
-        range of one node is passed through unchanged).
-    """
-    if fan_in < 2:
-        raise ValueError(f"fan_in: must be >= 2, got {fan_in}")
-    levels = []
-    width = n
-    while width > fan_in:
-        groups = [(j, min(j + fan_in, width)) for j in range(0, width, fan_in)]
-        levels.append(groups)
-        width = len(groups)
-    return levels
-
-
-def tree_sum(
-    dsk: dict, leaves: Sequence[Any], prefix: str, fan_in: int = DEFAULT_FAN_IN
-) -> list[Any]:
-    """Add the inner levels of the fixed-shape tree over ``leaves`` to ``dsk``.
-
-    Returns
-    -------
-    keys : list
-        At most ``fan_in`` keys whose sum, in order, is the total (the root's inputs).
-    """
-    level = list(leaves)
-    for depth, groups in enumerate(tree_levels(len(leaves), fan_in)):
-        nxt = []
-        for j, (a, b) in enumerate(groups):
-            if b - a == 1:
-                nxt.append(level[a])
-                continue
-            key = (prefix, depth, j)
-            dsk[key] = (_sum, *level[a:b])
-            nxt.append(key)
-        level = nxt
-    return level
-
-
-def sequential_tree_sum(parts: Sequence[obj.Sums], fan_in: int = DEFAULT_FAN_IN) -> obj.Sums:
-    """The same fixed-shape tree as :func:`tree_sum` plus its root, in one process."""
-    level = list(parts)
-    for groups in tree_levels(len(level), fan_in):
-        level = [level[a] if b - a == 1 else _sum(*level[a:b]) for a, b in groups]
-    return _sum(*level)
-
-
-def streaming_tree_sum(parts, n: int, fan_in: int = DEFAULT_FAN_IN) -> obj.Sums:
-    """:func:`sequential_tree_sum` over an iterable of ``n`` sums, reduced while streaming.
-
-    Each node of the fixed-shape tree is added as soon as its last input arrives, so at
-    most ``fan_in`` sums per level (O(fan_in x depth)) are alive at once, whatever ``n``;
-    the additions are the same, in the same order (bitwise the same total).
-
-    Parameters
-    ----------
-    parts : iterable of Sums
-        The leaves, in chunk order (a generator is consumed one item at a time).
-    n : int
-        Number of leaves (the shape of the tree depends on it).
-    fan_in : int
-
-    Raises
-    ------
-    ValueError
-        If ``parts`` does not yield exactly ``n`` items.
-    """
-    levels = tree_levels(n, fan_in)
-    depth = len(levels)
-    bufs: list[list[obj.Sums]] = [[] for _ in range(depth + 1)]
-    pos = [0] * depth  # index of the group being filled at each level
-
-    def push(item: obj.Sums) -> None:
-        d = 0
-        while d < depth:
-            a, b = levels[d][pos[d]]
-            bufs[d].append(item)
-            if len(bufs[d]) < b - a:
-                return
-            grp, bufs[d] = bufs[d], []
-            pos[d] += 1
-            item = grp[0] if len(grp) == 1 else _sum(*grp)
-            del grp
-            d += 1
-        bufs[depth].append(item)
-
-    count = 0
-    for p in parts:
-        count += 1
-        if count > n:
-            raise ValueError(f"parts: expected {n} sums, got more")
-        push(p)
-        del p
-    if count != n:
-        raise ValueError(f"parts: expected {n} sums, got {count}")
-    return _sum(*bufs[depth])
-
-
 # --------------------------------------------------------------------------- helpers
 
 
 def dataset_token(path: str) -> str:
-    """An identity of the dataset's current version (changes when it is rewritten)."""
-    p = str(path)
-    if "://" not in p or p.startswith("file://"):
-        local = p[len("file://") :] if p.startswith("file://") else p
-        try:
-            st = os.stat(os.path.join(local, "zarr.json"))
-            return f"{st.st_ino}-{st.st_mtime_ns}-{st.st_size}"
-        except OSError:
-            return uuid.uuid4().hex
-    wid = write_id(p)
-    if wid:  # remote stores: the id of the write (unique per write_dataset)
-        return f"w-{wid}"
-    try:  # a dataset written before write_id: the group metadata's content
-        import fsspec
-
-        with fsspec.open(p.rstrip("/") + "/zarr.json", "rb") as fh:
-            return hashlib.sha1(fh.read()).hexdigest()[:16]
-    except Exception:  # noqa: BLE001 - no token: do not reuse cached chunks
-        return uuid.uuid4().hex
+    """The dataset's version (:func:`worker.dataset.dataset_version`) in task and cache keys;
+    a fresh random token when unknown (nothing cached is reused)."""
+    return dataset_version(path) or uuid.uuid4().hex
 
 
 def array_token(a: np.ndarray) -> str:
@@ -475,6 +130,114 @@ class EvalStats:
 # --------------------------------------------------------------------------- the objective
 
 
+class _Graph:
+    """The tasks of one evaluation of a :class:`DistributedObjective`, being built.
+
+    Tasks on chunks are pinned to the worker that caches the chunk (when caching); the
+    rest (theta, the encoder, the tree, finalize) are in one common layer.
+    """
+
+    def __init__(self, f: DistributedObjective, theta: np.ndarray) -> None:
+        self.f, self.net, self.job = f, f.net, f.job
+        self.tok = uuid.uuid4().hex[:8]
+        self.n = f.info.n_chunks
+        self.src = ChunkSource(
+            path=f.path,
+            token=f._token,
+            dtype=f.dtype,
+            scale=f.info.scale,
+            encoder_token=f._enc_token,
+            target=f.target,
+            cache_bytes=f.cache_bytes,
+        )
+        self.common: dict = {}
+        self.pinned: dict[int, dict] = {}  # worker index -> tasks pinned to it
+        if theta.nbytes * self.n <= INLINE_THETA_BYTES:
+            self.th: Any = theta  # small: inline in each task
+        else:  # one copy in the graph, fetched by the tasks that need it
+            self.th = self.key("theta")
+            self.common[self.th] = theta
+        self.enc_args: tuple = ()
+        if f.encoder is not None:
+            enc_key = self.key("encoder")
+            self.common[enc_key] = f.encoder
+            self.enc_args = (enc_key,)
+
+    def key(self, name: str) -> str:
+        """The key ``<name>-<job>-<token>``."""
+        return f"{name}-{self.job}-{self.tok}"
+
+    def pin(self, i: int) -> dict:
+        """The layer of the tasks on chunk ``i``."""
+        workers = self.f._workers
+        if not workers or self.f.cache_bytes == 0:
+            return self.common
+        return self.pinned.setdefault((i + self.f._offset) % len(workers), {})
+
+    def leaves(self, name: str, fn, *extra) -> list[tuple[str, int]]:
+        """One task ``fn(net, theta, src, i, *extra, *encoder)`` per chunk."""
+        keys = []
+        for i in range(self.n):
+            k = (self.key(name), i)
+            self.pin(i)[k] = (fn, self.net, self.th, self.src, i, *extra, *self.enc_args)
+            keys.append(k)
+        return keys
+
+    def tree(self, name: str, leaves: list) -> list:
+        """The fixed-shape tree over ``leaves``; its roots."""
+        return tree_sum(self.common, leaves, self.key(name), self.f.fan_in)
+
+    def final(self, name: str, fn, *args) -> str:
+        """The task ``fn(net, theta, *args)`` giving ``(J, grad)``."""
+        key = self.key(name)
+        self.common[key] = (fn, self.net, self.th, *args)
+        return key
+
+    def whole(self, m: int, passes: str) -> str:
+        """One task evaluating every chunk."""
+        key = self.key("whole")
+        self.pin(0)[key] = (
+            _whole,
+            self.net,
+            self.th,
+            self.src,
+            self.n,
+            m,
+            passes,
+            self.f.fan_in,
+            *self.enc_args,
+        )
+        return key
+
+    def pass1_total(self, m: int) -> str:
+        """The key of pass 1's total (just the count for a network without sparse layers)."""
+        if not self.net.sparse_layers:
+            key = self.key("count")
+            self.common[key] = {"count": np.float64(m)}
+            return key
+        roots = self.tree("sum1", self.leaves("pass1", _chunk_pass1))
+        if len(roots) == 1:  # one chunk: its sums are the total
+            return roots[0]
+        key = self.key("sum1")
+        self.common[key] = (_sum, *roots)
+        return key
+
+    def high_level_graph(self):
+        """The layers: the common one, and one per worker of the pinned tasks."""
+        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
+
+        layers = {f"common-{self.tok}": MaterializedLayer(self.common)}
+        deps: dict[str, set] = {f"common-{self.tok}": set()}
+        for w, tasks in self.pinned.items():
+            name = f"pinned-{self.tok}-{w}"
+            layers[name] = MaterializedLayer(
+                tasks,
+                annotations={"workers": [self.f._workers[w]], "allow_other_workers": True},
+            )
+            deps[name] = set()
+        return HighLevelGraph(layers, deps)
+
+
 class DistributedObjective:
     """``f(theta) -> (J, grad)`` evaluated as one Dask graph per call.
 
@@ -493,8 +256,9 @@ class DistributedObjective:
     encoder : (Network, ndarray of shape (n_enc_params,)), optional
         A frozen encoder: the stage's inputs are the last layer of
         ``sae.objective.forward(enc_net, enc_theta, raw_chunk)``.
-    target : {"inputs", "raw"}
-        Targets: the stage's inputs (an autoencoder) or the raw chunk (with an encoder).
+    target : {"previous", "input"}
+        Targets: the stage's inputs (an autoencoder) or the original input x (with an
+        encoder).
     job : str
         Name used in the task keys (``pass1-<job>``, ``pass2-<job>``, ``sum1-<job>`` ...).
     cache : bool, optional
@@ -525,7 +289,7 @@ class DistributedObjective:
         passes: Passes = "two",
         dtype: str = "float64",
         encoder: tuple[Network, np.ndarray] | None = None,
-        target: Target = "inputs",
+        target: Target = "previous",
         job: str = "sae",
         cache: bool | None = None,
         fan_in: int = DEFAULT_FAN_IN,
@@ -536,8 +300,8 @@ class DistributedObjective:
             raise ValueError(f"passes: choose 'two' or 'fused', got {passes!r}")
         if dtype not in obj.DTYPES:
             raise ValueError(f"dtype: choose one of {sorted(obj.DTYPES)}, got {dtype!r}")
-        if target not in ("inputs", "raw"):
-            raise ValueError(f"target: choose 'inputs' or 'raw', got {target!r}")
+        if target not in ("previous", "input"):
+            raise ValueError(f"target: choose 'previous' or 'input', got {target!r}")
         if not 2 <= fan_in <= 8:
             raise ValueError(f"fan_in: choose 2..8, got {fan_in}")
         self.client = client
@@ -572,14 +336,14 @@ class DistributedObjective:
             self._enc_token = ""
         if net.sizes[0] != n_in:
             raise ValueError(f"net: input size {net.sizes[0]} differs from the data's {n_in}")
-        n_out = n_raw if (encoder is not None and target == "raw") else n_in
+        n_out = n_raw if (encoder is not None and target == "input") else n_in
         if net.sizes[-1] != n_out:
             raise ValueError(
                 f"net: output size {net.sizes[-1]} differs from the targets' {n_out} "
                 f"(target={target!r})"
             )
-        if target == "raw" and encoder is None:
-            self.target = "inputs"  # the raw chunk is the input
+        if target == "input" and encoder is None:
+            self.target = "previous"  # the data are the stage's inputs
         if passes == "fused":
             obj.check_fused(net)
         self._workers: list[str] = []
@@ -610,7 +374,7 @@ class DistributedObjective:
         item = np.dtype(self.dtype).itemsize
         m = self.info.shape[0]
         n = self.net.sizes[0]
-        if self.encoder is not None and self.target == "raw":
+        if self.encoder is not None and self.target == "input":
             n += self.info.shape[1]
         return m * n * item
 
@@ -641,100 +405,20 @@ class DistributedObjective:
         hlg : dask HighLevelGraph
         key : the key of ``(J, grad)``
         """
-        from dask.highlevelgraph import HighLevelGraph, MaterializedLayer
-
-        net, job = self.net, self.job
-        tok = uuid.uuid4().hex[:8]
-        src = ChunkSource(
-            path=self.path,
-            token=self._token,
-            dtype=self.dtype,
-            scale=self.info.scale,
-            encoder_token=self._enc_token,
-            target=self.target,
-            cache_bytes=self.cache_bytes,
-        )
-        n = self.info.n_chunks
-        theta = np.asarray(theta, dtype=np.float64)
-        common: dict = {}
-        if theta.nbytes * n <= INLINE_THETA_BYTES:
-            th: Any = theta  # small: inline in each task
-        else:  # one copy in the graph, fetched by the tasks that need it
-            th = f"theta-{job}-{tok}"
-            common[th] = theta
-        enc_args: tuple = ()
-        if self.encoder is not None:
-            enc_key = f"encoder-{job}-{tok}"
-            common[enc_key] = self.encoder
-            enc_args = (enc_key,)
-        pinned: dict[int, dict] = {}  # worker index -> tasks pinned to it
-
-        def pin(i: int) -> dict:
-            if not self._workers or self.cache_bytes == 0:
-                return common
-            return pinned.setdefault((i + self._offset) % len(self._workers), {})
-
+        g = _Graph(self, np.asarray(theta, dtype=np.float64))
         single = self.single_task
         if single is None:
-            single = n == 1 or self._stage_nbytes() <= SINGLE_TASK_BYTES
-        if single:
-            # Small: one task evaluates everything (same sums, same tree, same bits).
-            final = f"whole-{job}-{tok}"
-            pin(0)[final] = (
-                _whole,
-                net,
-                th,
-                src,
-                n,
-                self.info.shape[0],
-                self.passes,
-                self.fan_in,
-                *enc_args,
-            )
+            single = g.n == 1 or self._stage_nbytes() <= SINGLE_TASK_BYTES
+        if single:  # small: one task evaluates everything (same sums, same tree, same bits)
+            final = g.whole(self.info.shape[0], self.passes)
         elif self.passes == "fused":
-            leaves = []
-            for i in range(n):
-                k = (f"fused-{job}-{tok}", i)
-                pin(i)[k] = (_chunk_fused, net, th, src, i, *enc_args)
-                leaves.append(k)
-            roots = tree_sum(common, leaves, f"sum-{job}-{tok}", self.fan_in)
-            final = f"final-{job}-{tok}"
-            common[final] = (_finalize_one, net, th, *roots)
+            roots = g.tree("sum", g.leaves("fused", _chunk_fused))
+            final = g.final("final", _finalize_one, *roots)
         else:
-            if net.sparse_layers:
-                leaves1 = []
-                for i in range(n):
-                    k = (f"pass1-{job}-{tok}", i)
-                    pin(i)[k] = (_chunk_pass1, net, th, src, i, *enc_args)
-                    leaves1.append(k)
-                roots1 = tree_sum(common, leaves1, f"sum1-{job}-{tok}", self.fan_in)
-                if len(roots1) == 1:  # one chunk: its sums are the total
-                    total1 = roots1[0]
-                else:
-                    total1 = f"sum1-{job}-{tok}"
-                    common[total1] = (_sum, *roots1)
-            else:
-                total1 = f"count-{job}-{tok}"
-                common[total1] = {"count": np.float64(self.info.shape[0])}
-            leaves2 = []
-            for i in range(n):
-                k = (f"pass2-{job}-{tok}", i)
-                pin(i)[k] = (_pass2_given_sums1, net, th, src, i, total1, *enc_args)
-                leaves2.append(k)
-            roots2 = tree_sum(common, leaves2, f"sum2-{job}-{tok}", self.fan_in)
-            final = f"final-{job}-{tok}"
-            common[final] = (_finalize_two, net, th, total1, *roots2)
-
-        layers = {f"common-{tok}": MaterializedLayer(common)}
-        deps: dict[str, set] = {f"common-{tok}": set()}
-        for w, tasks in pinned.items():
-            name = f"pinned-{tok}-{w}"
-            layers[name] = MaterializedLayer(
-                tasks,
-                annotations={"workers": [self._workers[w]], "allow_other_workers": True},
-            )
-            deps[name] = set()
-        return HighLevelGraph(layers, deps), final
+            total1 = g.pass1_total(self.info.shape[0])
+            leaves2 = g.leaves("pass2", _pass2_given_sums1, total1)
+            final = g.final("final", _finalize_two, total1, *g.tree("sum2", leaves2))
+        return g.high_level_graph(), final
 
     def __call__(self, theta: np.ndarray) -> tuple[float, np.ndarray]:
         """Cost and gradient at ``theta``.
@@ -817,7 +501,7 @@ class LocalObjective:
         passes: Passes = "two",
         dtype: str = "float64",
         encoder: tuple[Network, np.ndarray] | None = None,
-        target: Target = "inputs",
+        target: Target = "previous",
         fan_in: int = DEFAULT_FAN_IN,
         should_stop=None,
     ) -> None:
@@ -829,8 +513,8 @@ class LocalObjective:
         self.fan_in = fan_in
         self.should_stop = should_stop
         self.stats = EvalStats()
-        if target == "raw" and encoder is None:
-            target = "inputs"
+        if target == "input" and encoder is None:
+            target = "previous"
         if passes == "fused":
             obj.check_fused(net)
         src = ChunkSource(self.path, "", dtype, self.info.scale, "", target, 0)
@@ -870,14 +554,8 @@ class LocalObjective:
 
 __all__ = [
     "Cancelled",
-    "ChunkError",
-    "ChunkSource",
     "DistributedObjective",
     "LocalObjective",
-    "cache_stats",
-    "clear_cache",
+    "array_token",
     "dataset_token",
-    "sequential_tree_sum",
-    "streaming_tree_sum",
-    "tree_sum",
 ]

@@ -129,7 +129,7 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
         )
 
     def _network(self, n_features: int) -> Network:
-        from worker.train import build_network
+        from worker.schedule import build_network
 
         return build_network(self._spec("in-memory"), n_features)
 
@@ -160,7 +160,7 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
 
     def _fit_in_memory(self, X) -> SparseAutoencoder:
         from sae.optimize import OptimizerState, minimize
-        from worker.train import check_output_range, optimizer_options
+        from worker.schedule import check_output_range, optimizer_options
 
         X = validate_data(self, X, dtype=np.float64, ensure_min_samples=1)
         net = self._network(X.shape[1])
@@ -180,7 +180,8 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
         return self
 
     def _fit_dataset(self, path: str, client: Any) -> SparseAutoencoder:
-        from worker.train import load_model, train
+        from worker.layout import load_model
+        from worker.train import train
 
         spec = self._spec(path)
         client = client if client is not None else self.client

@@ -16,7 +16,7 @@ Methods (:data:`OPTIMIZERS` lists their options and defaults):
 """
 
 from sae.optimize.linesearch import CountedObjective, Objective, wolfe_search
-from sae.optimize.minimize import STEPS, history_entry, minimize, stop_reason
+from sae.optimize.minimize import STEPS, minimize, stop_reason
 from sae.optimize.options import (
     DEFAULT_METHOD,
     OPTIMIZERS,
@@ -39,7 +39,6 @@ __all__ = [
     "check_max_iter",
     "check_method",
     "check_options",
-    "history_entry",
     "minimize",
     "stop_reason",
     "wolfe_search",

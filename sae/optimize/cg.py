@@ -63,7 +63,7 @@ def step(fc: CountedObjective, state: OptimizerState) -> OptimizerState:
             status="line_search_failed",
             message=(
                 f"cg: line search failed along -grad at iteration {state.iteration} "
-                f"(||grad||_inf = {state.grad_norm:.3e})"
+                f"(||grad||_inf = {state.grad_max_norm:.3e})"
             ),
         )
     return state.replace(

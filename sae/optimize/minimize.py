@@ -24,7 +24,7 @@ def stop_reason(state: OptimizerState, max_iter: int) -> tuple[str, str] | None:
     loaded state as in the run that saved it.
     """
     opts = state.options
-    gnorm = state.grad_norm
+    gnorm = state.grad_max_norm
     if gnorm <= opts["gtol"]:
         return "converged", f"gradient norm {gnorm:.3e} <= gtol {opts['gtol']:.3e}"
     if state.J_prev is not None:
@@ -118,15 +118,3 @@ def minimize(
             break
         state = _report(state, max_iter, callback)
     return state
-
-
-def history_entry(state: OptimizerState) -> dict:
-    """A JSON-able summary of ``state`` for a progress log."""
-    return {
-        "iteration": state.iteration,
-        "J": state.J,
-        "grad_norm": state.grad_norm,
-        "n_evals": state.n_evals,
-        "step": state.last_step,
-        "status": state.status,
-    }

@@ -166,7 +166,7 @@ class OptimizerState:
         return self.status in FAILED
 
     @property
-    def grad_norm(self) -> float | None:
+    def grad_max_norm(self) -> float | None:
         """``||grad||_inf``, or None before the initial evaluation."""
         return None if self.grad is None else float(np.max(np.abs(self.grad)))
 

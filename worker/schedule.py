@@ -1,0 +1,361 @@
+"""What a spec means: its networks, its schedule of stages, its options, its checks.
+
+The one place that turns a :class:`~worker.spec.TrainSpec` and the dataset it names into
+networks and stages. A one-layer spec is a schedule of one stage (the sparse autoencoder
+``n -> hidden -> n``); a deep spec is K pretraining stages and a fine-tuning stage of the
+unrolled network (:class:`sae.deep.DeepArchitecture`). The CLI, the REST checks and the
+estimator ask this module, never rebuild a network of their own.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+import numpy as np
+
+from sae.activations import get_activation
+from sae.deep import DeepArchitecture
+from sae.network import Network
+from sae.objective import check_fused
+from worker import layout
+from worker.dataset import DatasetInfo, open_dataset
+from worker.spec import TrainSpec
+from worker.stage import Stage
+from worker.stage_id import StageId
+
+Execution = Literal["local", "distributed"]
+#: ``"auto"`` picks an execution per stage (:func:`choose_execution`).
+ExecutionChoice = Literal["auto", "local", "distributed"]
+EXECUTIONS = ("local", "distributed")
+
+#: A stage whose data (decoded, in the compute dtype) fit in this many bytes runs as one task
+#: next to its data ("local"); larger ones in the driver, one Dask graph per evaluation.
+LOCAL_BYTES = 64 * 2**20
+
+#: Bracketing iterations of the line search in deep stages (the optimizers' default is 10);
+#: why: docs/deep-autoencoders.md, "Line search in deep stages".
+DEEP_LS_MAXITER = 40
+
+
+# ----------------------------------------------------------------------------- networks
+
+
+def build_network(spec: TrainSpec, n_features: int) -> Network:
+    """The sparse autoencoder ``n_features -> hidden -> n_features`` of a one-layer spec.
+
+    Raises
+    ------
+    ValueError
+        Naming the field (e.g. ``rho`` on units that cannot carry a sparsity target).
+    """
+    return Network.autoencoder(
+        n_features,
+        spec.hidden_sizes[0],
+        lam=spec.lam,
+        rho=spec.rho,
+        beta=spec.beta if spec.rho is not None else 0.0,
+        activation=spec.activation,
+        output_activation=spec.output_activation,
+    )
+
+
+def deep_architecture(spec: TrainSpec, n_visible: int) -> DeepArchitecture:
+    """The deep autoencoder of a deep spec for data of ``n_visible`` features.
+
+    Raises
+    ------
+    ValueError
+        Naming the field (``hidden``, ``stages``, ``rho`` ...): e.g. a code layer larger than
+        the input, or more pretraining stages than encoder layers.
+    """
+    return DeepArchitecture(
+        n_visible=n_visible,
+        hidden=tuple(spec.hidden_sizes),
+        activation=spec.activation,
+        code_activation=spec.code_activation,
+        output_activation=spec.output_activation,
+        lam=spec.lam,
+        rho=spec.rho,
+        beta=spec.beta if spec.rho is not None else 0.0,
+        pretrain=spec.pretrain,
+        decoder_init=spec.decoder_init,
+        stages=spec.stages,
+        finetune_sparse=spec.finetune_sparse,
+    )
+
+
+def network(spec: TrainSpec, n_features: int) -> Network:
+    """The network a job trains in the end: the sparse autoencoder, or the unrolled deep
+    autoencoder that fine-tuning trains."""
+    if spec.is_deep:
+        return deep_architecture(spec, n_features).network()
+    return build_network(spec, n_features)
+
+
+def layer_sizes(spec: TrainSpec, n_features: int) -> list[int]:
+    """Sizes of the whole (unrolled) autoencoder, input to reconstruction."""
+    h = spec.hidden_sizes
+    return [n_features, *h, *reversed(h[:-1]), n_features]
+
+
+def n_params(spec: TrainSpec, n_features: int) -> int:
+    """Parameters of the network a job trains (weights and biases of every layer)."""
+    sizes = layer_sizes(spec, n_features)
+    return sum(a * b + b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
+def optimizer_options(spec: TrainSpec) -> dict:
+    """Options of the spec's optimizer (``sae.optimize.OPTIMIZERS``)."""
+    return {"alpha": spec.alpha} if spec.optimizer == "gd" else {}
+
+
+def _stage_options(spec: TrainSpec) -> dict:
+    options = optimizer_options(spec)
+    if spec.optimizer in ("lbfgs", "cg"):
+        options.setdefault("ls_maxiter", DEEP_LS_MAXITER)
+    return options
+
+
+def _passes(spec_passes: str, net: Network) -> str:
+    """The spec's passes, or "two" where the one-pass form does not apply to ``net``."""
+    if spec_passes == "fused":
+        try:
+            check_fused(net)
+        except ValueError:
+            return "two"
+    return spec_passes
+
+
+# ----------------------------------------------------------------------------- checks
+
+
+def value_range(info: DatasetInfo) -> tuple[float, float] | None:
+    """``(min, max)`` of a dataset's values when known without reading it: the range the
+    ingestion recorded (``preprocessing["value_range"]``), else the bound of stored ``uint8``
+    pixels ``[0, 255 * scale]``, else None."""
+    vr = (info.preprocessing or {}).get("value_range")
+    if isinstance(vr, list | tuple) and len(vr) == 2:
+        return float(vr[0]), float(vr[1])
+    if info.dtype == "uint8" and info.scale >= 0:
+        return 0.0, 255.0 * info.scale
+    return None
+
+
+def output_bounded(spec: TrainSpec) -> bool:
+    """True when the spec's output units reach a bounded range (sigmoid, tanh)."""
+    act = get_activation(spec.output_activation or spec.activation)
+    return bool(np.isfinite(act.low) and np.isfinite(act.high))
+
+
+def check_output_range(spec: TrainSpec, vr: tuple[float, float] | None) -> None:
+    """Raise ValueError naming ``output_activation`` when data spanning ``vr = (min, max)``
+    lie outside what the spec's output units can reach (None: the range is unknown)."""
+    name = spec.output_activation or spec.activation
+    act = get_activation(name)
+    if vr is None or not output_bounded(spec):
+        return
+    tol = 1e-9
+    if vr[0] < act.low - tol or vr[1] > act.high + tol:
+        raise ValueError(
+            f"output_activation: {name} output units reach [{act.low:g}, {act.high:g}] but "
+            f"the data span [{vr[0]:.4g}, {vr[1]:.4g}]; use output_activation 'linear' "
+            "(--output-activation linear) or rescale the data"
+        )
+
+
+def check_spec(spec: TrainSpec, info: DatasetInfo) -> None:
+    """Check a spec against its dataset: everything that needs the data's shape or range.
+
+    Raises
+    ------
+    ValueError
+        Whose message starts with the field's name: ``dataset`` (no examples), ``hidden``
+        (a code layer larger than the input ...), ``code_activation``,
+        ``finetune_iter``, ``stages``, ``rho``, ``output_activation``.
+    """
+    m, n = info.shape
+    if m < 1 or n < 1:
+        raise ValueError(f"dataset: {info.path} holds no examples")
+    if spec.code_activation is not None and not spec.is_deep:
+        raise ValueError("code_activation: only for deep autoencoders (hidden list)")
+    if spec.is_deep and spec.pretrain == "none" and spec.finetune_iter == 0:
+        raise ValueError("finetune_iter: with pretrain 'none' give fine-tuning iterations")
+    if spec.is_deep:
+        deep_architecture(spec, n)
+    # the first layer's sparse autoencoder (units that can carry rho, ...), deep or not
+    Network.autoencoder(
+        n,
+        spec.hidden_sizes[0],
+        lam=spec.lam,
+        rho=spec.rho,
+        beta=spec.beta,
+        activation=spec.activation,
+        output_activation=spec.output_activation or spec.activation,
+    )
+    check_output_range(spec, value_range(info))
+
+
+def check_job(spec: TrainSpec, dataset_path: str | None = None) -> DatasetInfo:
+    """Everything that can be checked before a cluster starts: the dataset opens and the
+    spec fits it (one-layer and deep).
+
+    Raises
+    ------
+    worker.dataset.DatasetError
+        If the dataset is missing or not a dataset (a ValueError).
+    ValueError
+        Naming the field, when the spec does not fit the dataset.
+    """
+    info = open_dataset(str(dataset_path or spec.dataset))
+    check_spec(spec, info)
+    return info
+
+
+def choose_execution(nbytes: int, requested: ExecutionChoice = "auto") -> Execution:
+    """Where a stage whose data take ``nbytes`` runs: ``"local"`` up to :data:`LOCAL_BYTES`
+    for ``"auto"``, else ``"distributed"``; a requested execution as given."""
+    if requested != "auto":
+        if requested not in EXECUTIONS:
+            raise ValueError(
+                f"execution: choose 'auto', 'local' or 'distributed', got {requested!r}"
+            )
+        return requested
+    return "local" if nbytes <= LOCAL_BYTES else "distributed"
+
+
+# ----------------------------------------------------------------------------- the schedule
+
+
+@dataclass
+class Schedule:
+    """The stages a spec trains on a dataset, in order.
+
+    Parameters
+    ----------
+    spec : TrainSpec
+    info : DatasetInfo
+        The dataset (``shape``, ``sample_shape``).
+    root : Path
+        The job folder.
+    execution : {"auto", "local", "distributed"}
+        Where the stages run (``"auto"``: chosen per stage by the size of its data).
+
+    Attributes
+    ----------
+    ids : list of StageId
+        ``[single]`` for a one-layer spec; ``[pretrain 1/K, ..., pretrain K/K, finetune]``.
+    metadata : dict
+        What every model.npz of the job records: the spec, the dataset, the sample shape and,
+        for deep jobs, the architecture (``"deep"``).
+    """
+
+    spec: TrainSpec
+    info: DatasetInfo
+    root: Path
+    execution: ExecutionChoice = "auto"
+
+    def __post_init__(self) -> None:
+        n = self.info.shape[1]
+        self.arch = deep_architecture(self.spec, n) if self.spec.is_deep else None
+        self.metadata = {
+            "spec": self.spec.model_dump(mode="json"),
+            "dataset": self.info.to_dict(),
+            "sample_shape": list(self.info.sample_shape) if self.info.sample_shape else None,
+        }
+        if self.arch is None:
+            self.ids = [StageId.single()]
+        else:
+            self.metadata["deep"] = self.arch.to_dict()
+            K = self.arch.n_stages
+            self.ids = [StageId.pretrain(k, K) for k in range(1, K + 1)]
+            self.ids.append(StageId.finetune(K))
+
+    @property
+    def multi_stage(self) -> bool:
+        """True when the stages have folders of their own (a deep job)."""
+        return self.arch is not None
+
+    @property
+    def labels(self) -> list[str | None]:
+        """The stages' labels (``job.json``'s ``"stages"``)."""
+        return [sid.label for sid in self.ids]
+
+    def network(self) -> Network:
+        """The network the job trains in the end."""
+        return self.arch.network() if self.arch is not None else self.stage_network(self.ids[0])
+
+    def stage_network(self, sid: StageId) -> Network:
+        """The network stage ``sid`` trains."""
+        if sid.kind == "single":
+            return build_network(self.spec, self.info.shape[1])
+        if sid.kind == "pretrain":
+            return self.arch.stage_network(sid.index)
+        return self.arch.network()
+
+    def data_bytes(self, sid: StageId) -> int:
+        """Bytes of stage ``sid``'s data in the compute dtype: its inputs (codes of the
+        frozen encoders for a stage above the first) and a separate target, if any."""
+        m = self.info.shape[0]
+        net = self.stage_network(sid)
+        width = net.sizes[0]
+        if sid.kind == "pretrain" and self.arch.stage_target(sid.index) == "input":
+            width += self.info.shape[1]
+        return m * width * np.dtype(self.spec.dtype).itemsize
+
+    def executions(self) -> list[Execution]:
+        """Where each stage runs, in the order of :attr:`ids`."""
+        return [choose_execution(self.data_bytes(sid), self.execution) for sid in self.ids]
+
+    def stage(self, sid: StageId, trained: list[np.ndarray]) -> Stage:
+        """Stage ``sid``, given the parameters of the pretraining stages before it.
+
+        Parameters
+        ----------
+        sid : StageId
+        trained : list of ndarray
+            Trained theta of each pretraining stage before ``sid`` (all of them for the
+            fine-tuning stage).
+        """
+        spec = self.spec
+        net = self.stage_network(sid)
+        execution = choose_execution(self.data_bytes(sid), self.execution)
+        common = dict(
+            id=sid,
+            network=net,
+            optimizer=spec.optimizer,
+            passes=_passes(spec.passes, net) if self.multi_stage else spec.passes,
+            dtype=spec.dtype,
+            folder=layout.stage_dir(self.root, sid),
+            execution=execution,
+            sample_shape=self.info.sample_shape if sid.first else None,
+            pictures=sid.first,
+        )
+        if sid.kind == "single":
+            return Stage(
+                theta0=net.init_theta(spec.seed),
+                options=optimizer_options(spec),
+                max_iter=spec.max_iter,
+                metadata=self.metadata,
+                **common,
+            )
+        meta = {**self.metadata, "stage": sid.label}
+        if sid.kind == "pretrain":
+            k = sid.index
+            return Stage(
+                theta0=net.init_theta(spec.seed + k),
+                options=_stage_options(spec),
+                max_iter=spec.max_iter,
+                metadata=meta,
+                encoder=self.arch.stage_encoder(trained, k),
+                target=self.arch.stage_target(k),
+                **common,
+            )
+        return Stage(
+            theta0=self.arch.assemble(trained, seed=spec.seed),
+            options=_stage_options(spec),
+            max_iter=spec.finetune_iter,
+            metadata=meta,
+            **common,
+        )
