@@ -82,18 +82,26 @@ def run_training(
         )
 
 
-def progress_callbacks(spec) -> tuple[Callable[[dict], None], Callable[[], None]]:
-    """A tqdm bar of iterations and cost: ``(on_iteration, close)`` for :func:`run_training`."""
+def progress_callbacks(
+    spec, rows: int | None = None
+) -> tuple[Callable[[dict], None], Callable[[], None]]:
+    """A tqdm bar of iterations (steps, for adam and sgd on ``rows`` rows) and cost:
+    ``(on_iteration, close)`` for :func:`run_training`."""
     from tqdm import tqdm
 
-    bar = tqdm(total=spec.total_iterations(), desc="train", unit="it", dynamic_ncols=True)
+    unit = "step" if spec.is_stochastic else "it"
+    bar = tqdm(total=spec.total_iterations(rows), desc="train", unit=unit, dynamic_ncols=True)
+    last = {"stage": None, "iteration": 0}
 
     def on_iteration(entry: dict) -> None:
-        if entry["iteration"] > 0:
-            bar.update(1)
+        stage, it = entry.get("stage"), int(entry["iteration"])
+        bar.update(it - (last["iteration"] if stage == last["stage"] else 0))
+        last.update(stage=stage, iteration=it)
         postfix = {"cost": f"{entry['cost']:.6g}"}
-        if entry.get("stage"):
-            postfix["stage"] = entry["stage"]
+        if "epoch" in entry:
+            postfix["epoch"] = entry["epoch"] + 1
+        if stage:
+            postfix["stage"] = stage
         bar.set_postfix(postfix)
 
     return on_iteration, bar.close
@@ -138,16 +146,59 @@ def _network_options(f):
     return f
 
 
+def _stochastic_options(f):
+    """Options of the minibatch optimizers (adam, sgd)."""
+    for opt in reversed(
+        [
+            click.option(
+                "--learning-rate", type=float, default=None, help="adam [1e-3], sgd [1e-2]"
+            ),
+            click.option("--batch-size", type=int, default=None, help="Rows per step [256]"),
+            click.option("--epochs", type=int, default=None, help="Epochs per stage [10]"),
+            click.option("--finetune-epochs", type=int, default=None, help="Deep: fine-tuning [0]"),
+            click.option("--max-steps", type=int, default=None, help="At most, per stage"),
+            click.option(
+                "--lr-schedule",
+                type=click.Choice(["constant", "cosine", "linear"]),
+                default=None,
+                help="After warmup [constant]",
+            ),
+            click.option("--warmup-steps", type=int, default=None, help="Linear warmup [0]"),
+            click.option("--clip-grad-norm", type=float, default=None, help="Max gradient norm"),
+            click.option("--momentum", type=float, default=None, help="sgd [0.9]"),
+            click.option("--nesterov/--no-nesterov", default=None, help="sgd [no]"),
+            click.option("--adam-beta1", type=float, default=None, help="[0.9]"),
+            click.option("--adam-beta2", type=float, default=None, help="[0.999]"),
+            click.option("--adam-eps", type=float, default=None, help="[1e-8]"),
+            click.option(
+                "--sparsity-estimate",
+                type=click.Choice(["batch", "ema"]),
+                default=None,
+                help="rho_hat of each batch [batch] or a running average",
+            ),
+            click.option("--ema-decay", type=float, default=None, help="[0.99]"),
+            click.option(
+                "--log-every", type=int, default=None, help="Steps per history entry [10]"
+            ),
+            click.option("--checkpoint-every", type=int, default=None, help="Steps [100]"),
+            click.option("--shuffle-window", type=int, default=None, help="Chunks mixed [4]"),
+        ]
+    ):
+        f = opt(f)
+    return f
+
+
 @click.command("train")
 @click.argument("dataset", required=False)
 @_network_options
 @click.option("--code-activation", type=click.Choice(["sigmoid", "tanh", "linear"]))
-@click.option("--optimizer", type=click.Choice(["lbfgs", "cg", "gd"]), default=None)
+@click.option("--optimizer", type=click.Choice(["lbfgs", "cg", "gd", "adam", "sgd"]), default=None)
 @click.option("--alpha", type=float, default=None, help="Learning rate of gd")
 @click.option("--max-iter", type=int, default=None, help="Iterations (per stage) [400]")
 @click.option("--pretrain", type=click.Choice(["previous", "input", "none"]), default=None)
 @click.option("--decoder-init", type=click.Choice(["pretrained", "transpose"]), default=None)
 @click.option("--finetune-iter", type=int, default=None)
+@_stochastic_options
 @_cluster_options
 @click.option("--out", "out", type=click.Path(file_okay=False), default=None, help="Job folder")
 @click.option(
@@ -187,6 +238,10 @@ def train_cmd(
             )
         spec = build_spec(**saved)
         if extend is not None:
+            if spec.is_stochastic:
+                raise click.ClickException(
+                    "--max-iter: adam and sgd jobs run epochs; resume continues them as saved"
+                )
             if spec.is_deep:
                 raise click.ClickException(
                     "--max-iter: a deep job's stages cannot be extended on resume; train a new "
@@ -208,10 +263,12 @@ def train_cmd(
     from worker.schedule import check_job
 
     try:  # before a cluster starts: a missing dataset or a bad spec is reported at once
-        check_job(spec)
+        info = check_job(spec, execution=plan)
     except (ValueError, OSError) as exc:
         raise click.ClickException(str(exc)) from None
-    on_iteration, close_bar = progress_callbacks(spec)
+    from worker.schedule import training_rows
+
+    on_iteration, close_bar = progress_callbacks(spec, training_rows(spec, info))
     try:
         result = run_training(
             spec,
@@ -229,9 +286,15 @@ def train_cmd(
         close_bar()  # OSError: an unreachable --scheduler, or the job folder
         raise click.ClickException(str(exc)) from None
     close_bar()
+    work = (
+        f"{result.iterations} steps"
+        if spec.is_stochastic
+        else f"{result.iterations} iterations, {result.evaluations} evaluations"
+    )
+    cost = "n/a" if result.final_cost is None else f"{result.final_cost:.6g}"
     click.echo(
-        f"{result.status}: {result.iterations} iterations, {result.evaluations} evaluations, "
-        f"cost {result.final_cost:.6g}, {result.seconds:.1f} s ({result.execution} execution)"
+        f"{result.status}: {work}, cost {cost}, {result.seconds:.1f} s "
+        f"({result.execution} execution)"
     )
     click.echo(f"Outputs in {result.out_dir}:")
     for p in (result.model_path, result.history_path, result.filters_path, result.cost_path):

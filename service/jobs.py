@@ -96,7 +96,8 @@ def submit(
     for field, msg in validation.check_spec(spec, data_root):
         raise Invalid(field, msg)
     try:
-        job, created = store.create(spec_json, validation.first_max_iter(spec), idempotency_key)
+        first = validation.first_max_iter(spec, data_root)
+        job, created = store.create(spec_json, first, idempotency_key)
     except IdempotencyConflict as exc:
         raise Conflict(str(exc)) from None
     if created:

@@ -25,22 +25,27 @@ from typing import Any
 from service import datasets
 from service.settings import Settings
 from service.store import Job, JobStore
+from worker import schedule
 from worker.spec import TrainSpec
 from worker.stage_id import StageId
 
 log = logging.getLogger("sae.service")
 
 
-def stage_of(entry: dict[str, Any], spec: TrainSpec) -> tuple[str | None, int]:
+def stage_of(
+    entry: dict[str, Any], spec: TrainSpec, rows: int | None = None
+) -> tuple[str | None, int]:
     """How the job status names the stage of a history entry, and the iterations the job did
-    before that stage: ``("pretrain k of K", (k - 1) * max_iter)``, ``("fine-tune", K *
-    max_iter)``, or ``(None, 0)`` for a one-layer job."""
+    before that stage: ``("pretrain k of K", (k - 1) * per_stage)``, ``("fine-tune", K *
+    per_stage)``, or ``(None, 0)`` for a one-layer job (``per_stage``: ``max_iter``, or the
+    steps of a stochastic stage on ``rows`` rows)."""
     sid = StageId.from_label(entry.get("stage"), spec.n_pretrain_stages)
     if sid.kind == "single":
         return None, 0
+    per_stage = spec.stage_iterations(rows)
     if sid.kind == "finetune":
-        return "fine-tune", sid.count * spec.max_iter
-    return f"pretrain {sid.index} of {sid.count}", (sid.index - 1) * spec.max_iter
+        return "fine-tune", sid.count * per_stage
+    return f"pretrain {sid.index} of {sid.count}", (sid.index - 1) * per_stage
 
 
 def _num(entry: dict[str, Any], name: str) -> float | None:
@@ -57,6 +62,7 @@ class _Active:
     t0: float = field(default_factory=time.monotonic)
     first_done: int | None = None
     rows: int = 0  # examples in the dataset (samples per evaluation)
+    steps_rows: int | None = None  # rows a stochastic job's batches draw from
     last: dict[str, Any] = field(default_factory=dict)  # figures of the last iteration
 
 
@@ -274,23 +280,25 @@ class Runner:
             "cost": _num(entry, "cost"),
             "evaluations": evals,
             "seconds": seconds,
+            "samples": _num(entry, "samples"),
         }
         if prev and seconds is not None and prev.get("seconds") is not None:
             dt = seconds - prev["seconds"]
             if dt > 0:
                 figures["iteration_seconds"] = dt
-                if evals is not None and prev.get("evaluations") is not None and active.rows:
+                samples = _num(entry, "samples")
+                if samples is not None and prev.get("samples") is not None:  # minibatches
+                    figures["samples_per_second"] = (samples - prev["samples"]) / dt
+                elif evals is not None and prev.get("evaluations") is not None and active.rows:
                     figures["samples_per_second"] = (evals - prev["evaluations"]) * active.rows / dt
         active.last = figures
 
     def _on_iteration(self, active: _Active, spec: TrainSpec, entry: dict[str, Any]) -> None:
         self._record_figures(active, entry)
         it = int(_num(entry, "iteration") or 0)
-        label, before = stage_of(entry, spec)
-        stage_max = spec.max_iter
-        if label == "fine-tune":
-            stage_max = spec.finetune_iter
-        total = max(spec.total_iterations(), 1)
+        label, before = stage_of(entry, spec, active.steps_rows)
+        stage_max = spec.stage_iterations(active.steps_rows, finetune=label == "fine-tune")
+        total = max(spec.total_iterations(active.steps_rows), 1)
         done = min(before + it, total)
         if active.first_done is None:
             active.first_done, active.t0 = done, time.monotonic()
@@ -319,6 +327,7 @@ class Runner:
             spec = TrainSpec(**job.spec)
             path, info = datasets.get_dataset(self.settings.data_root, spec.dataset)
             active.rows = int(info.shape[0])
+            active.steps_rows = schedule.training_rows(spec, info) if spec.is_stochastic else None
             out_dir.mkdir(parents=True, exist_ok=True)
             resume = job.attempts > 1  # a checkpoint may exist: continue its trajectory
 

@@ -23,11 +23,14 @@ class InUse(RuntimeError):
     """A dataset is used by a queued or running job."""
 
 
-def first_max_iter(spec: TrainSpec) -> int:
-    """Maximum iterations of a job's first stage (what the status shows before it runs)."""
-    if spec.is_deep and spec.pretrain == "none":
-        return spec.finetune_iter
-    return spec.max_iter
+def first_max_iter(spec: TrainSpec, data_root: str | os.PathLike | None = None) -> int:
+    """Maximum iterations (steps, for adam and sgd) of a job's first stage (what the status
+    shows before it runs); the steps of a stochastic job need its dataset under
+    ``data_root``."""
+    rows = None
+    if spec.is_stochastic:
+        rows = schedule.training_rows(spec, datasets.get_dataset(data_root, spec.dataset)[1])
+    return spec.stage_iterations(rows, finetune=spec.is_deep and spec.pretrain == "none")
 
 
 def _field_of(msg: str, default: str) -> str:
@@ -89,12 +92,16 @@ def resume_problem(job, max_iter: int | None) -> tuple[str, int, str] | None:
         return ("status", 409, f"job {job.id} is {job.status}: nothing to resume yet")
     spec = TrainSpec(**job.spec)
     if max_iter is not None:
+        if spec.is_stochastic:
+            return ("max_iter", 422, "adam and sgd jobs run epochs, not iterations; resume as is")
         if spec.is_deep:
             return ("max_iter", 422, "a deep job's stages cannot be extended; resume it as is")
         if max_iter < job.iteration:
             return ("max_iter", 422, f"the job ran {job.iteration} iterations already")
     target = max_iter if max_iter is not None else spec.max_iter
-    if job.status == "succeeded" and (spec.is_deep or target <= job.iteration):
+    if job.status == "succeeded" and (
+        spec.is_deep or spec.is_stochastic or target <= job.iteration
+    ):
         return (
             "status",
             409,

@@ -313,7 +313,7 @@ def test_distributed_deep_objective_equals_in_memory(two_workers, digits_like, p
 
 
 def _sae_optimize(f, theta0, max_iter):
-    """The minimizer train_stage uses (sae.optimize L-BFGS), recording J per iteration."""
+    """The minimizer run_stage uses (sae.optimize L-BFGS), recording J per iteration."""
     from sae.optimize import OptimizerState, minimize
 
     hist = []

@@ -218,7 +218,7 @@ def test_idempotent_retry(server, http):
         ({"hidden": [8, 0]}, "hidden"),
         ({"hidden": 10**9}, "hidden"),
         ({"hidden": [50000, 50000]}, "hidden"),
-        ({"optimizer": "adam"}, "optimizer"),
+        ({"optimizer": "newton"}, "optimizer"),
         ({"activation": "relu"}, "activation"),
         ({"max_iter": -1}, "max_iter"),
         ({"max_iter": 10**12}, "max_iter"),

@@ -301,7 +301,7 @@ def test_cli_bad_spec_is_a_clean_message(patches, tmp_path, args, field):
 
 
 @pytest.mark.bitwise
-def test_train_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers, patches, tmp_path):
+def test_run_stage_cancelled_inside_an_evaluation_resumes_bitwise(two_workers, patches, tmp_path):
     from worker.engine import DistributedObjective
     from worker.stage import Hooks, Stage, run_stage
 

@@ -359,3 +359,42 @@ def test_python_client_runs_a_job_end_to_end(srv, tmp_path):
     with Client("http://127.0.0.1:9") as nobody, pytest.raises(ServiceError) as err:
         nobody.health()
     assert err.value.status == 0 and "cannot reach" in err.value.message
+
+
+# ------------------------------------------------------------------ minibatch jobs over REST
+
+
+def test_adam_job_over_rest_counts_steps(srv):
+    """A stochastic job: POST /jobs takes its fields, the status counts steps of the whole
+    schedule, history entries carry epochs and samples; bad fields are 422s naming them."""
+    spec = {
+        "dataset": "p",
+        "hidden": 3,
+        "optimizer": "adam",
+        "batch_size": 40,
+        "epochs": 3,
+        "log_every": 1,
+        "learning_rate": 0.05,
+    }
+    with srv.client() as http:
+        r = http.post("/jobs", json=spec)
+        assert r.status_code == 202, r.text
+        job = http.get(f"/jobs/{r.json()['id']}").json()
+        assert job["max_iter"] == 15  # 3 epochs of 200 rows / 40
+        job = wait_job(http, job["id"])
+        assert job["status"] == "succeeded" and job["iteration"] == 15, job
+        assert job["progress"] == 1.0
+        hist = http.get(f"/jobs/{job['id']}/history").json()
+        assert [e["iteration"] for e in hist] == list(range(1, 16))
+        assert hist[-1]["epoch"] == 2 and hist[-1]["samples"] == 600
+        for body, field in (
+            ({**spec, "batch_size": 500}, "batch_size"),  # larger than the dataset
+            ({**spec, "batch_size": 0}, "batch_size"),
+            ({**spec, "learning_rate": -1}, "learning_rate"),
+            ({**spec, "lr_schedule": "exponential"}, "lr_schedule"),
+        ):
+            r = http.post("/jobs", json=body)
+            assert r.status_code == 422, (body, r.text)
+            assert r.json()["detail"][0]["loc"][-1] == field, r.text
+        r = http.post(f"/jobs/{job['id']}/resume", json={"max_iter": 50})
+        assert r.status_code == 422 and "epochs" in r.text

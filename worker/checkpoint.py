@@ -49,17 +49,20 @@ class CheckpointWriter:
                         n, state = item
                         data = ("[" + ",".join(self._parts[:n]) + "]").encode()
                         layout.write_bytes(self.history_path, lambda fh, d=data: fh.write(d))
-                        state.save(self.state_path)
+                        if state is not None:
+                            state.save(self.state_path)
             except BaseException as exc:  # noqa: BLE001 - re-raised by flush()
                 self._error = exc
             finally:
                 self._queue.task_done()
 
-    def put(self, entry: dict, state) -> None:
-        """Queue the checkpoint of one iteration: its history entry and optimizer state."""
+    def put(self, entry: dict | None, state) -> None:
+        """Queue the checkpoint of one iteration: its history entry (None: none new) and
+        optimizer state (None: the history alone)."""
         if self._error is not None:
             raise self._error
-        self._parts.append(json.dumps(entry, allow_nan=True))
+        if entry is not None:
+            self._parts.append(json.dumps(entry, allow_nan=True))
         self._queue.put((len(self._parts), state))
 
     def call(self, fn: Callable[[], Any]) -> None:

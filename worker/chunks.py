@@ -239,3 +239,48 @@ def _whole(
         return (_stage_data(src, i, encoder) for i in range(n))
 
     return evaluate_chunks(net, theta, chunks, passes, src.dtype, m, fan_in, n_chunks=n)
+
+
+# ----------------------------------------------------------------------------- minibatch parts
+
+
+def _part_data(src: ChunkSource, i: int, rows: np.ndarray, encoder=None):
+    """Inputs and targets of the rows ``rows`` of chunk ``i`` (contiguous copies)."""
+    X, Y = _stage_data(src, i, encoder)
+    return X[rows], (None if Y is None else Y[rows])
+
+
+@single_threaded
+def _part_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None):
+    X, _ = _part_data(src, i, rows, encoder)
+    return obj.pass1(net, theta, X, dtype=src.dtype)
+
+
+@single_threaded
+def _part_pass2(
+    net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, rho_hat: dict, encoder=None
+):
+    """Pass 2 on a batch's rows of chunk ``i`` given the sparse layers' ``rho_hat`` (that of
+    the batch, or a running average)."""
+    X, Y = _part_data(src, i, rows, encoder)
+    return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype)
+
+
+@single_threaded
+def _part_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None):
+    X, Y = _part_data(src, i, rows, encoder)
+    return obj.fused(net, theta, X, Y=Y, dtype=src.dtype)
+
+
+@single_threaded
+def _finalize_batch(net: Network, theta: np.ndarray, s1: obj.Sums, rho: dict, *parts: obj.Sums):
+    """``(J, grad, rho)`` of a batch: the two-pass finalize, and the rho_hat its pass 2 used."""
+    J, grad = obj.finalize(net, theta, obj.merge_sums(s1, _sum(*parts)))
+    return J, grad, rho
+
+
+@single_threaded
+def _finalize_batch_fused(net: Network, theta: np.ndarray, *parts: obj.Sums):
+    """``(J, grad, None)`` of a batch from its fused sums."""
+    J, grad = obj.finalize(net, theta, _sum(*parts))
+    return J, grad, None

@@ -62,6 +62,7 @@ import numpy as np
 from sae import objective as obj
 from sae.blas import blas_ready
 from sae.network import Network
+from worker import chunks
 from worker.chunks import (
     ChunkSource,
     Passes,
@@ -180,6 +181,16 @@ class _Graph:
         for i in range(self.n):
             k = (self.key(name), i)
             self.pin(i)[k] = (fn, self.net, self.th, self.src, i, *extra, *self.enc_args)
+            keys.append(k)
+        return keys
+
+    def part_leaves(self, name: str, fn, parts, slots, *extra) -> list[tuple[str, int]]:
+        """One task ``fn(net, theta, src, i, rows, *extra, *encoder)`` per part of a batch,
+        pinned by the part's slot (:meth:`worker.batches.Batches.slots`)."""
+        keys = []
+        for j, ((i, rows), slot) in enumerate(zip(parts, slots, strict=True)):
+            k = (self.key(name), j)
+            self.pin(slot)[k] = (fn, self.net, self.th, self.src, i, rows, *extra, *self.enc_args)
             keys.append(k)
         return keys
 
@@ -480,6 +491,98 @@ class DistributedObjective:
     def n_evals(self) -> int:
         """Evaluations so far."""
         return self.stats.n_evals
+
+
+# --------------------------------------------------------------------------- minibatches
+
+
+def _ema(net: Network, sums1: dict, previous: dict | None, decay: float) -> dict:
+    """Each sparse layer's rho_hat of a batch (pass-1 totals ``sums1``), averaged with the
+    ``previous`` running average when there is one."""
+    batch = obj.rho_hat(net, sums1)
+    if previous is None:
+        return batch
+    return {l: decay * previous[l] + (1.0 - decay) * r for l, r in batch.items()}
+
+
+class BatchObjective(DistributedObjective):
+    """The objective of one minibatch, as one Dask graph over the chunks holding its rows.
+
+    ``f(theta, parts) -> (J, grad, rho_hat)``: ``J`` and ``grad`` of the batch objective
+    (the mean over the batch's rows, weight decay, and the KL penalty of the batch's mean
+    activations), or, with ``rho_ema``, the same ``J`` and a gradient whose sparsity term uses
+    the running average ``decay * rho_ema + (1 - decay) * rho_hat_batch`` instead of the
+    batch's own ``rho_hat`` (less noisy for small batches, not the gradient of any batch
+    objective). ``rho_hat`` is what the next step's ``rho_ema`` is.
+
+    The parts of a batch (its rows grouped by chunk, :meth:`worker.batches.Batches.parts`)
+    are computed where their chunks are cached and added by the same fixed-shape tree, in
+    chunk order: the same bits on any number of workers. Parameters as
+    :class:`DistributedObjective`; the chunk cache is on by default (bounded by the workers'
+    memory, so a window of chunks stays in memory while its batches are read).
+    """
+
+    def __init__(self, *args, cache: bool | None = True, **kwargs) -> None:
+        super().__init__(*args, cache=cache, single_task=False, **kwargs)
+
+    def _cache_budget(self) -> int:
+        if self._cache_request is False:
+            return 0
+        n = max(1, len(self._workers))
+        limit = self._mem_limit
+        if not limit:
+            import psutil
+
+            limit = psutil.virtual_memory().total // n
+        return max(0, int(CACHE_FRACTION * limit) - CACHE_RESERVED_BYTES)
+
+    def batch_graph(self, theta: np.ndarray, parts, rho_ema: dict | None, decay: float, slots):
+        """The graph of one batch and the key of its ``(J, grad, rho_hat)`` (rho_hat None for
+        fused passes)."""
+        g = _Graph(self, np.asarray(theta, dtype=np.float64))
+        if self.passes == "fused":  # the batch's own rho_hat, inside its finalize
+            roots = g.tree("sum", g.part_leaves("fused", chunks._part_fused, parts, slots))
+            final = g.final("final", chunks._finalize_batch_fused, *roots)
+            return g.high_level_graph(), final
+        if self.net.sparse_layers:
+            roots1 = g.tree("sum1", g.part_leaves("pass1", chunks._part_pass1, parts, slots))
+            total1 = g.key("total1")
+            g.common[total1] = (_sum, *roots1)
+        else:
+            total1 = g.key("count")
+            g.common[total1] = {"count": np.float64(sum(len(r) for _, r in parts))}
+        rho = g.key("rho")
+        g.common[rho] = (_ema, self.net, total1, rho_ema, decay)
+        leaves2 = g.part_leaves("pass2", chunks._part_pass2, parts, slots, rho)
+        roots2 = g.tree("sum2", leaves2)
+        final = g.final("final", chunks._finalize_batch, total1, rho, *roots2)
+        return g.high_level_graph(), final
+
+    def __call__(self, theta, parts, rho_ema: dict | None = None, decay: float = 0.99, slots=None):
+        """``(J, grad, rho_hat)`` of the batch made of ``parts`` at ``theta``; ``slots`` place
+        the parts on the workers (default: by chunk index, like the chunk cache).
+
+        Raises
+        ------
+        Cancelled
+            If ``should_stop()`` is true before or during the evaluation.
+        """
+        if self.should_stop is not None and self.should_stop():
+            raise Cancelled("stopped before a step")
+        t0 = time.perf_counter()
+        self._refresh_workers()
+        if rho_ema is not None and self.passes == "fused":
+            raise ValueError("sparsity_estimate: a running average needs passes 'two'")
+        slots = [i for i, _ in parts] if slots is None else slots
+        hlg, final = self.batch_graph(theta, parts, rho_ema, decay, slots)
+        J, grad, rho_hat = self._wait(self.client.get(hlg, final, sync=False))
+        grad = blas_ready(grad, np.float64)
+        dt = time.perf_counter() - t0
+        self.stats.n_evals += 1
+        self.stats.seconds += dt
+        self.stats.last_seconds = dt
+        self.stats.times.append(dt)
+        return float(J), grad, rho_hat
 
 
 # --------------------------------------------------------------------------- local twin

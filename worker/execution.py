@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from worker import layout
-from worker.engine import DistributedObjective, LocalObjective
+from worker.engine import BatchObjective, DistributedObjective, LocalObjective
 from worker.stage import REFRESH_SECONDS, Hooks, Stage, StageResult, run_stage, save_cost
 
 #: After a cancel request, a task next to its data has this long to stop by itself before the
@@ -57,8 +57,15 @@ class InDriver:
     refresh_seconds: float = REFRESH_SECONDS
 
     def run(self, stage: Stage, hooks: Hooks, resume: bool) -> StageResult:
-        """Train ``stage`` (see :func:`worker.stage.run_stage`)."""
-        f = DistributedObjective(
+        """Train ``stage`` (see :func:`worker.stage.run_stage`, and
+        :func:`worker.stochastic.run_stochastic_stage` for a stage with minibatches)."""
+        if stage.batches is not None:
+            return self._run_stochastic(stage, hooks, resume)
+        f = self._objective(DistributedObjective, stage, hooks, self.engine_options)
+        return run_stage(stage, f, hooks, resume=resume, refresh_seconds=self.refresh_seconds)
+
+    def _objective(self, cls, stage: Stage, hooks: Hooks, options: dict):
+        return cls(
             self.client,
             self.dataset_path,
             stage.network,
@@ -68,9 +75,29 @@ class InDriver:
             target=stage.target,
             job=self.job,
             should_stop=hooks.should_stop,
-            **self.engine_options,
+            **options,
         )
-        return run_stage(stage, f, hooks, resume=resume, refresh_seconds=self.refresh_seconds)
+
+    def _run_stochastic(self, stage: Stage, hooks: Hooks, resume: bool) -> StageResult:
+        from worker.stochastic import run_stochastic_stage
+
+        options = {k: v for k, v in self.engine_options.items() if k in ("cache", "fan_in")}
+        f = self._objective(BatchObjective, stage, hooks, options)
+        validate = None
+        if stage.validation is not None:
+            held_out = stage.validation
+
+            def validate(theta: np.ndarray) -> float:
+                return f(theta, held_out)[0]
+
+        return run_stochastic_stage(
+            stage,
+            f,
+            hooks,
+            resume=resume,
+            refresh_seconds=self.refresh_seconds,
+            validate=validate,
+        )
 
 
 @dataclass
@@ -100,14 +127,14 @@ class NextToData:
         threading.Thread(target=_warm_display, daemon=True).start()
         out = stage.folder
         out.mkdir(parents=True, exist_ok=True)
-        layout.clear_markers(out)
+        layout.clear_cancel(out)
         owner = uuid.uuid4().hex
         for old in out.glob(layout.STARTED_PREFIX + "*"):  # markers of earlier runs
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
         layout.write_bytes(out / layout.OWNER, lambda fh: fh.write(owner.encode()))
         if hooks.stop():  # asked to stop before the task started: it never does
-            result = abandoned_stage(stage)
+            result = abandoned_stage(stage, "cancelled before the stage started")
             result.history = layout.read_history(out / layout.HISTORY)
             return result
         future = self.client.submit(
@@ -121,12 +148,14 @@ class NextToData:
             pure=False,
             **self._placement(out),
         )
-        result = follow(self.client, future, out, hooks, self.cancel_grace)
+        result = follow(
+            self.client, future, out, hooks, self.cancel_grace, _resumed_at(out, resume)
+        )
         if result is None:
             result = abandoned_stage(stage)
         result.history = layout.read_history(out / layout.HISTORY)
         save_cost(result.history, out / layout.COST)
-        layout.clear_markers(out)
+        layout.clear_cancel(out)
         return result
 
     def _placement(self, out: Path) -> dict:
@@ -198,7 +227,9 @@ def run_local_stage(
     return res
 
 
-def abandoned_stage(stage: Stage) -> StageResult:
+def abandoned_stage(
+    stage: Stage, message: str = "cancelled while the task waited or evaluated"
+) -> StageResult:
     """The result of a stage whose task was abandoned after a cancel: the last checkpoint
     (or theta0), written to model.npz like a stage that stopped itself."""
     from sae.optimize import OptimizerState
@@ -220,16 +251,16 @@ def abandoned_stage(stage: Stage) -> StageResult:
         iterations=0 if st is None else int(st.iteration),
         evaluations=0 if st is None else int(st.n_evals),
         seconds=float(history[-1]["seconds"]) if history else 0.0,
-        message="cancelled while the task waited or evaluated",
+        message=message,
     )
 
 
 class _Forwarder:
     """Forwards the new entries of a history.json (rewritten by a task) to a hook."""
 
-    def __init__(self, path: Path, hooks: Hooks) -> None:
+    def __init__(self, path: Path, hooks: Hooks, seen: int = -1) -> None:
         self.path, self.hooks = path, hooks
-        self.seen, self.mtime = -1, None
+        self.seen, self.mtime = seen, None
 
     def __call__(self, force: bool = False) -> None:
         if force:
@@ -253,10 +284,30 @@ class _Forwarder:
                     self.hooks.on_iteration(e)
 
 
+def _resumed_at(out: Path, resume: bool) -> int:
+    """The last iteration a resumed stage's checkpoint holds (-1: none), whose history entries
+    the caller has seen already."""
+    from sae.optimize import OptimizerState
+
+    if not resume:
+        return -1
+    try:
+        return int(OptimizerState.load(out / layout.STATE).iteration)
+    except (OSError, ValueError):
+        return -1
+
+
 def follow(
-    client, future, out: Path, hooks: Hooks, grace: float = CANCEL_GRACE_SECONDS, poll: float = 0.1
+    client,
+    future,
+    out: Path,
+    hooks: Hooks,
+    grace: float = CANCEL_GRACE_SECONDS,
+    seen: int = -1,
+    poll: float = 0.1,
 ) -> StageResult | None:
-    """Wait for a stage's task, forwarding history entries and cancel requests.
+    """Wait for a stage's task, forwarding history entries after iteration ``seen`` and
+    cancel requests.
 
     After a cancel request the task gets ``grace`` seconds to stop at its next check; then it
     is cancelled (a task still queued behind busy or absent workers never starts), its
@@ -266,7 +317,7 @@ def follow(
     from distributed import wait
 
     cancelled_at: float | None = None
-    forward = _Forwarder(out / layout.HISTORY, hooks)
+    forward = _Forwarder(out / layout.HISTORY, hooks, seen)
     try:
         while True:
             with contextlib.suppress(TimeoutError):

@@ -206,13 +206,13 @@ def run_job(
     """Run the schedule of ``spec`` on ``client``'s cluster (see :func:`worker.train.train`)."""
     root = Path(out_dir)
     path = str(dataset_path or spec.dataset)
-    info = check_job(spec, path)
+    info = check_job(spec, path, execution)
     hooks = hooks or Hooks()
     schedule = Schedule(spec, info, root, execution)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
         layout.reset(root)
-    layout.clear_markers(root)
+    layout.clear_cancel(root)
     dashboard = dashboard_link(client)
     executions = write_job_file(root, schedule, dashboard, resume)
     name = job or root.resolve().name or "sae"
@@ -242,7 +242,7 @@ def run_job(
         trained.append(result.theta)
     if schedule.multi_stage:
         _gather(root, schedule, history, result, stage)
-    layout.clear_markers(root)
+    layout.clear_cancel(root)
     last = layout.stage_dir(root, schedule.ids[-1])
     label = summary.get("stage")
     return TrainResult(

@@ -11,6 +11,8 @@ A one-layer job's stage is the folder itself; a deep job has a folder per stage:
                       "finetune"); iterations restart at 0 in each stage
     model.npz         W1..WL, b1..bL from input to output, theta, and spec (JSON, holding the
                       network dict so activations are known)
+    best.npz          stochastic stages with a validation set: the model at the best held-out
+                      cost (history entries carry val_cost)
     filters.png       the first layer's filters (refreshed while training)
     cost.png          cost per iteration (one line per stage)
     stage-1/ ...      deep jobs: pretraining stage k (the same files, plus done.json once the
@@ -43,6 +45,8 @@ STATE = "state.npz"
 STATE_PAIRS = STATE + PAIRS_SUFFIX
 HISTORY = "history.json"
 MODEL = "model.npz"
+#: The model at the best held-out cost of a stochastic stage with a validation set.
+BEST = "best.npz"
 FILTERS = "filters.png"
 COST = "cost.png"
 DONE = "done.json"
@@ -51,7 +55,7 @@ OWNER = ".owner"
 STARTED_PREFIX = ".started-"
 
 #: What a fresh (not resumed) job removes from its folder before it starts.
-_RESULTS = (STATE, HISTORY, MODEL, FILTERS, COST)
+_RESULTS = (STATE, HISTORY, MODEL, BEST, FILTERS, COST)
 
 
 def stage_dir(root: Path, stage: StageId) -> Path:
@@ -124,11 +128,11 @@ def reset(root: Path) -> None:
             (root / name).unlink()
     shutil.rmtree(root / STATE_PAIRS, ignore_errors=True)
     for sub in [*root.glob("stage-*"), root / StageId.finetune(0).folder]:
-        if sub.is_dir():
+        if (sub / HISTORY).is_file() or (sub / STATE).is_file():  # a stage's, nothing else
             shutil.rmtree(sub, ignore_errors=True)
 
 
-def clear_markers(root: Path) -> None:
+def clear_cancel(root: Path) -> None:
     """Remove the cancel request of the job in ``root``."""
     with contextlib.suppress(FileNotFoundError):
         (root / CANCEL).unlink()

@@ -107,11 +107,27 @@ def n_params(spec: TrainSpec, n_features: int) -> int:
 
 
 def optimizer_options(spec: TrainSpec) -> dict:
-    """Options of the spec's optimizer (``sae.optimize.OPTIMIZERS``)."""
+    """Options of the spec's optimizer (``sae.optimize.OPTIMIZERS``, or
+    ``sae.optimize.stochastic.STOCHASTIC`` for adam and sgd)."""
+    if spec.is_stochastic:
+        from sae.optimize.stochastic import stochastic_options
+
+        common = {
+            "learning_rate": spec.learning_rate,
+            "schedule": spec.lr_schedule,
+            "warmup_steps": spec.warmup_steps,
+            "clip_norm": spec.clip_grad_norm,
+        }
+        if spec.optimizer == "adam":
+            own = {"beta1": spec.adam_beta1, "beta2": spec.adam_beta2, "eps": spec.adam_eps}
+        else:
+            own = {"momentum": spec.momentum, "nesterov": spec.nesterov}
+        return stochastic_options(spec.optimizer, {**common, **own})
     return {"alpha": spec.alpha} if spec.optimizer == "gd" else {}
 
 
 def _stage_options(spec: TrainSpec) -> dict:
+    """Options of a deep job's stages: the spec's, with :data:`DEEP_LS_MAXITER`."""
     options = optimizer_options(spec)
     if spec.optimizer in ("lbfgs", "cg"):
         options.setdefault("ls_maxiter", DEEP_LS_MAXITER)
@@ -165,6 +181,18 @@ def check_output_range(spec: TrainSpec, vr: tuple[float, float] | None) -> None:
         )
 
 
+def training_rows(spec: TrainSpec, info: DatasetInfo) -> int:
+    """Rows a stage trains on: the dataset's, less a validation set's chunks."""
+    m = info.shape[0]
+    if spec.validation_fraction is None:
+        return m
+    from worker.batches import chunk_sizes, held_out_chunks
+
+    sizes = chunk_sizes(m, info.chunk_rows)
+    held = held_out_chunks(len(sizes), spec.validation_fraction, spec.seed)
+    return m - sum(sizes[i] for i in held)
+
+
 def check_spec(spec: TrainSpec, info: DatasetInfo) -> None:
     """Check a spec against its dataset: everything that needs the data's shape or range.
 
@@ -184,22 +212,23 @@ def check_spec(spec: TrainSpec, info: DatasetInfo) -> None:
         raise ValueError("finetune_iter: with pretrain 'none' give fine-tuning iterations")
     if spec.is_deep:
         deep_architecture(spec, n)
-    # the first layer's sparse autoencoder (units that can carry rho, ...), deep or not
-    Network.autoencoder(
-        n,
-        spec.hidden_sizes[0],
-        lam=spec.lam,
-        rho=spec.rho,
-        beta=spec.beta,
-        activation=spec.activation,
-        output_activation=spec.output_activation or spec.activation,
-    )
+    if spec.validation_fraction is not None and not spec.is_stochastic:
+        raise ValueError("validation_fraction: only for the stochastic optimizers adam and sgd")
+    if spec.is_stochastic:
+        rows = training_rows(spec, info)
+        if spec.batch_size > rows:
+            where = f"the dataset ({m} rows)" if rows == m else f"the training chunks ({rows} rows)"
+            raise ValueError(f"batch_size: {spec.batch_size} is larger than {where}")
+    if not spec.is_deep:  # units that can carry rho, ... (deep layers without a range drop it)
+        build_network(spec, n)
     check_output_range(spec, value_range(info))
 
 
-def check_job(spec: TrainSpec, dataset_path: str | None = None) -> DatasetInfo:
-    """Everything that can be checked before a cluster starts: the dataset opens and the
-    spec fits it (one-layer and deep).
+def check_job(
+    spec: TrainSpec, dataset_path: str | None = None, execution: ExecutionChoice = "auto"
+) -> DatasetInfo:
+    """Everything that can be checked before a cluster starts: the dataset opens, the spec
+    fits it (one-layer and deep), and its stages can run where ``execution`` says.
 
     Raises
     ------
@@ -210,6 +239,7 @@ def check_job(spec: TrainSpec, dataset_path: str | None = None) -> DatasetInfo:
     """
     info = open_dataset(str(dataset_path or spec.dataset))
     check_spec(spec, info)
+    Schedule(spec, info, Path("."), execution).executions()
     return info
 
 
@@ -257,6 +287,7 @@ class Schedule:
     execution: ExecutionChoice = "auto"
 
     def __post_init__(self) -> None:
+        choose_execution(0, self.execution)  # an unknown execution fails before any work
         n = self.info.shape[1]
         self.arch = deep_architecture(self.spec, n) if self.spec.is_deep else None
         self.metadata = {
@@ -304,9 +335,60 @@ class Schedule:
             width += self.info.shape[1]
         return m * width * np.dtype(self.spec.dtype).itemsize
 
+    def stage_execution(self, sid: StageId) -> Execution:
+        """Where stage ``sid`` runs.
+
+        Raises
+        ------
+        ValueError
+            Naming ``plan`` when a stochastic stage is asked to run next to its data (its
+            steps are driven from here, one graph per batch).
+        """
+        if self.spec.is_stochastic:
+            if self.execution == "local":
+                raise ValueError(
+                    "plan: adam and sgd take their steps from the driver (one graph per "
+                    "batch); use plan 'auto' or 'distributed'"
+                )
+            return "distributed"
+        return choose_execution(self.data_bytes(sid), self.execution)
+
     def executions(self) -> list[Execution]:
         """Where each stage runs, in the order of :attr:`ids`."""
-        return [choose_execution(self.data_bytes(sid), self.execution) for sid in self.ids]
+        return [self.stage_execution(sid) for sid in self.ids]
+
+    def _batches(self, sid: StageId):
+        """The minibatches of stage ``sid`` (None for a full-batch optimizer)."""
+        if not self.spec.is_stochastic:
+            return None
+        from worker.batches import Batches
+
+        m, chunk = self.info.shape[0], self.info.chunk_rows
+        seed = self.spec.seed + 7919 * self.ids.index(sid)  # each stage its own shuffle
+        spec = self.spec
+        return Batches.of(m, chunk, spec.batch_size, seed, spec.shuffle_window, self.held_out())
+
+    def held_out(self) -> tuple[int, ...]:
+        """The chunks of the validation set (none without ``validation_fraction``)."""
+        if self.spec.validation_fraction is None:
+            return ()
+        from worker.batches import held_out_chunks
+
+        return held_out_chunks(self.info.n_chunks, self.spec.validation_fraction, self.spec.seed)
+
+    def _validation(self):
+        """The validation set as batch parts (None without one)."""
+        ids = self.held_out()
+        if not ids:
+            return None
+        from worker.batches import whole_chunks
+
+        return whole_chunks(ids, self.info.shape[0], self.info.chunk_rows)
+
+    def _budget(self, sid: StageId) -> int:
+        """Iterations (steps) of stage ``sid``."""
+        rows = training_rows(self.spec, self.info)
+        return self.spec.stage_iterations(rows, finetune=sid.kind == "finetune")
 
     def stage(self, sid: StageId, trained: list[np.ndarray]) -> Stage:
         """Stage ``sid``, given the parameters of the pretraining stages before it.
@@ -320,7 +402,20 @@ class Schedule:
         """
         spec = self.spec
         net = self.stage_network(sid)
-        execution = choose_execution(self.data_bytes(sid), self.execution)
+        execution = self.stage_execution(sid)
+        stochastic = (
+            dict(
+                batches=self._batches(sid),
+                log_every=spec.log_every,
+                checkpoint_every=spec.checkpoint_every,
+                rho_decay=spec.ema_decay if spec.sparsity_estimate == "ema" else None,
+                validation=self._validation(),
+                validate_every=spec.validate_every,
+                early_stopping=spec.early_stopping,
+            )
+            if spec.is_stochastic
+            else {}
+        )
         common = dict(
             id=sid,
             network=net,
@@ -331,12 +426,13 @@ class Schedule:
             execution=execution,
             sample_shape=self.info.sample_shape if sid.first else None,
             pictures=sid.first,
+            max_iter=self._budget(sid),
+            **stochastic,
         )
         if sid.kind == "single":
             return Stage(
                 theta0=net.init_theta(spec.seed),
                 options=optimizer_options(spec),
-                max_iter=spec.max_iter,
                 metadata=self.metadata,
                 **common,
             )
@@ -346,7 +442,6 @@ class Schedule:
             return Stage(
                 theta0=net.init_theta(spec.seed + k),
                 options=_stage_options(spec),
-                max_iter=spec.max_iter,
                 metadata=meta,
                 encoder=self.arch.stage_encoder(trained, k),
                 target=self.arch.stage_target(k),
@@ -355,7 +450,6 @@ class Schedule:
         return Stage(
             theta0=self.arch.assemble(trained, seed=spec.seed),
             options=_stage_options(spec),
-            max_iter=spec.finetune_iter,
             metadata=meta,
             **common,
         )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 ActivationName = Literal["sigmoid", "tanh", "linear"]
 
@@ -39,9 +39,71 @@ class TrainSpec(BaseModel):
         0.01, gt=0, lt=1, description="Sparsity target of the hidden units (null: none)"
     )
     beta: float = Field(3.0, ge=0, le=1e6, allow_inf_nan=False, description="Sparsity weight")
-    optimizer: Literal["lbfgs", "cg", "gd"] = "lbfgs"
+    optimizer: Literal["lbfgs", "cg", "gd", "adam", "sgd"] = Field(
+        "lbfgs",
+        description="Full-batch (lbfgs, cg, gd: every iteration reads all the data) or "
+        "stochastic (adam, sgd: every step reads one minibatch)",
+    )
     alpha: float = Field(
         0.1, gt=0, le=1e6, allow_inf_nan=False, description="Learning rate of optimizer 'gd'"
+    )
+    learning_rate: float | None = Field(
+        None,
+        gt=0,
+        le=1e3,
+        allow_inf_nan=False,
+        description="Learning rate of adam (default 1e-3) and sgd (default 1e-2)",
+    )
+    adam_beta1: float = Field(0.9, ge=0, lt=1, description="Adam's first-moment decay")
+    adam_beta2: float = Field(0.999, ge=0, lt=1, description="Adam's second-moment decay")
+    adam_eps: float = Field(1e-8, gt=0, le=1, description="Adam's epsilon")
+    momentum: float = Field(0.9, ge=0, lt=1, description="Momentum of sgd")
+    nesterov: bool = Field(False, description="Nesterov momentum for sgd")
+    batch_size: int = Field(256, ge=1, le=100_000_000, description="Rows per minibatch")
+    epochs: int = Field(
+        10, ge=1, le=MAX_ITER, description="Passes over the data (per stage) of adam and sgd"
+    )
+    finetune_epochs: int = Field(
+        0, ge=0, le=MAX_ITER, description="Fine-tuning epochs of a deep autoencoder (adam, sgd)"
+    )
+    max_steps: int | None = Field(
+        None, ge=1, le=10**9, description="At most this many steps per stage (adam, sgd)"
+    )
+    lr_schedule: Literal["constant", "cosine", "linear"] = Field(
+        "constant", description="After warmup: constant, or decay to 0 along a cosine or a line"
+    )
+    warmup_steps: int = Field(0, ge=0, le=10**9, description="Steps of linear warmup")
+    clip_grad_norm: float | None = Field(
+        None, gt=0, allow_inf_nan=False, description="Scale longer gradients to this norm"
+    )
+    sparsity_estimate: Literal["batch", "ema"] = Field(
+        "batch",
+        description="rho_hat of the KL penalty with minibatches: the batch's (the exact "
+        "gradient of the batch objective) or a running average (decay ema_decay)",
+    )
+    ema_decay: float = Field(0.99, gt=0, lt=1, description="Decay of the running rho_hat")
+    log_every: int = Field(10, ge=1, le=10**9, description="Steps between history entries")
+    checkpoint_every: int = Field(
+        100, ge=1, le=10**9, description="Steps between checkpoints (and every epoch's end)"
+    )
+    shuffle_window: int = Field(
+        4, ge=1, le=100_000, description="Chunks whose rows are shuffled together"
+    )
+    validation_fraction: float | None = Field(
+        None,
+        gt=0,
+        lt=1,
+        description="Hold out this share of the chunks (never trained on) to measure the "
+        "held-out cost (adam, sgd)",
+    )
+    validate_every: int = Field(
+        100, ge=1, le=10**9, description="Steps between held-out costs (and every epoch's end)"
+    )
+    early_stopping: int | None = Field(
+        None,
+        ge=1,
+        le=10**6,
+        description="Stop a stage after this many held-out costs without a new best",
     )
     max_iter: int = Field(400, ge=0, le=MAX_ITER, description="Iterations (per stage)")
     passes: Literal["two", "fused"] = "two"
@@ -75,21 +137,51 @@ class TrainSpec(BaseModel):
                 raise ValueError(f"hidden: layer sizes must be <= {MAX_UNITS}, got {h}")
         return v
 
+    @model_validator(mode="after")
+    def _check_stochastic(self) -> TrainSpec:
+        if self.sparsity_estimate == "ema" and self.passes == "fused":
+            raise ValueError("sparsity_estimate: a running average needs passes 'two'")
+        if self.early_stopping is not None and self.validation_fraction is None:
+            raise ValueError("early_stopping: give a validation_fraction to stop on")
+        return self
+
+    @property
+    def is_stochastic(self) -> bool:
+        """True for the minibatch optimizers (adam, sgd)."""
+        return self.optimizer in ("adam", "sgd")
+
+    def stage_steps(self, rows: int, finetune: bool = False) -> int:
+        """Steps of one stochastic stage on ``rows`` rows: its epochs of ``ceil(rows /
+        batch_size)`` batches, at most ``max_steps``."""
+        epochs = self.finetune_epochs if finetune else self.epochs
+        steps = epochs * -(-rows // self.batch_size)
+        return steps if self.max_steps is None else min(steps, self.max_steps)
+
     @property
     def hidden_sizes(self) -> list[int]:
         """The encoder's hidden sizes as a list."""
         return [self.hidden] if isinstance(self.hidden, int) else list(self.hidden)
 
-    def total_iterations(self) -> int:
+    def stage_iterations(self, rows: int | None = None, finetune: bool = False) -> int:
+        """Iterations (steps, for adam and sgd on ``rows`` rows) of one stage: a pretraining
+        stage or the one stage of a one-layer job, or the fine-tuning."""
+        if self.is_stochastic:
+            if rows is None:
+                raise ValueError("rows: a stochastic job's steps depend on the dataset's rows")
+            return self.stage_steps(rows, finetune)
+        return self.finetune_iter if finetune else self.max_iter
+
+    def total_iterations(self, rows: int | None = None) -> int:
         """Iterations the job runs when it uses all of them.
 
         ``max_iter`` for one hidden layer; for a deep autoencoder ``max_iter`` per pretraining
         stage (``stages``, by default one per encoder layer; none for ``pretrain="none"``)
-        plus ``finetune_iter``.
+        plus ``finetune_iter``. For adam and sgd, steps (which need the dataset's ``rows``).
         """
         if not self.is_deep:
-            return self.max_iter
-        return self.max_iter * self.n_pretrain_stages + self.finetune_iter
+            return self.stage_iterations(rows)
+        per_stage = self.stage_iterations(rows)
+        return per_stage * self.n_pretrain_stages + self.stage_iterations(rows, finetune=True)
 
     @property
     def n_pretrain_stages(self) -> int:

@@ -18,6 +18,7 @@ import numpy as np
 
 from sae.network import Network
 from worker import layout
+from worker.batches import Batches
 from worker.checkpoint import CheckpointWriter
 from worker.chunks import Target
 from worker.engine import Cancelled
@@ -60,6 +61,21 @@ class Stage:
         Shape of one input example, for filters.png.
     pictures : bool
         Whether the stage draws filters.png (its first layer is the network's first).
+    batches : worker.batches.Batches or None
+        The minibatches of a stochastic stage (optimizer "adam" or "sgd"; ``max_iter`` counts
+        steps); None for a full-batch stage.
+    log_every, checkpoint_every : int
+        Steps between history entries and between checkpoints of a stochastic stage (also at
+        the end of every epoch); a full-batch stage records every iteration.
+    rho_decay : float or None
+        A stochastic stage's sparsity penalty uses a running average of the mean activations
+        with this decay; None: those of each batch.
+    validation : list of (int, ndarray) or None
+        The held-out rows (whole chunks) of a stochastic stage, as batch parts; None: none.
+    validate_every : int
+        Steps between held-out costs (also at the end of every epoch).
+    early_stopping : int or None
+        Stop after this many held-out costs without a new best.
     """
 
     id: StageId
@@ -77,6 +93,13 @@ class Stage:
     target: Target = "previous"
     sample_shape: tuple[int, ...] | None = None
     pictures: bool = True
+    batches: Batches | None = None
+    log_every: int = 1
+    checkpoint_every: int = 1
+    rho_decay: float | None = None
+    validation: list | None = None
+    validate_every: int = 100
+    early_stopping: int | None = None
 
     @classmethod
     def of(cls, network: Network, theta0: np.ndarray, folder: Path, **fields) -> Stage:

@@ -51,8 +51,11 @@
         stages.push(st);
       }
       st.x.push(i); st.cost.push(pos(e.cost)); st.grad.push(pos(e.grad_norm)); st.val.push(pos(e.val_cost));
-      if (prev && rows && typeof e.seconds === "number" && e.seconds > prev.seconds && typeof e.evaluations === "number") {
-        st.sx.push(i); st.speed.push(rows * (e.evaluations - prev.evaluations) / (e.seconds - prev.seconds));
+      const read = typeof e.samples === "number" && typeof prev?.samples === "number"
+        ? e.samples - prev.samples  // minibatch steps count their rows
+        : rows && typeof e.evaluations === "number" ? rows * (e.evaluations - prev?.evaluations) : null;
+      if (prev && read !== null && typeof e.seconds === "number" && e.seconds > prev.seconds) {
+        st.sx.push(i); st.speed.push(read / (e.seconds - prev.seconds));
       }
       prev = e;
     }

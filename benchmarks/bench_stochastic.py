@@ -1,0 +1,336 @@
+"""Stochastic training over chunks (Adam): throughput, out of core, and quality per second.
+
+``throughput``: samples/s of Adam steps on a 784-196 sparse autoencoder, batch 4,096, on an
+embedded cluster of 2 workers x 1 thread, against a plain in-memory numpy loop over the same
+batches (the same objective and Adam step, 2 BLAS threads, the data already in memory),
+measured in the same run; both as a fraction of this machine's matrix-multiply peak (a
+4096x784x196 GEMM on 2 threads, measured here), counting 12 B n h flops per step (two-pass
+objective: forward twice, backward three products).
+
+``out-of-core``: one epoch over ``--rows`` x 784 float32 rows (default 1,000,000: 3.1 GB) on 2
+workers of ``--memory-limit`` (default 670 MB: the data do not fit), against the time to read
+the dataset once (every chunk, decoded, in one task per chunk) and against the compute time
+(the steps' work on data already in memory, the throughput measured on a dataset that fits).
+
+``quality``: the UFLDL MNIST setting (784-196, rho 0.1, lambda 3e-3, beta 3, the 10,000 test
+digits): the full-dataset cost against wall time for Adam and for 400 iterations of L-BFGS,
+both on the cluster; writes ``--plot`` (PNG).
+
+    python benchmarks/bench_stochastic.py throughput [--steps 20]
+    python benchmarks/bench_stochastic.py out-of-core [--rows 1000000]
+    python benchmarks/bench_stochastic.py quality [--mnist DIR] [--plot docs/adam-vs-lbfgs.png]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def gemm_peak(dtype: str, threads: int = 2, repeat: int = 7) -> float:
+    """Median GFLOP/s of a 4096x784 @ 784x196 product on ``threads`` BLAS threads."""
+    from threadpoolctl import threadpool_limits
+
+    rng = np.random.default_rng(0)
+    A = rng.random((4096, 784)).astype(dtype)
+    B = rng.random((784, 196)).astype(dtype)
+    times = []
+    with threadpool_limits(threads, user_api="blas"):
+        for _ in range(repeat):
+            t = time.perf_counter()
+            for _ in range(10):
+                A @ B
+            times.append((time.perf_counter() - t) / 10)
+    return 2 * 4096 * 784 * 196 / float(np.median(times)) / 1e9
+
+
+def step_flops(batch: int, n: int = 784, h: int = 196) -> float:
+    """Flops of one two-pass step: 12 B n h (6 products of B x n x h)."""
+    return 12.0 * batch * n * h
+
+
+def _write(path: Path, rows: int, dtype: str, chunk_rows: int, seed: int = 0) -> None:
+    from worker.dataset import write_dataset
+
+    rng = np.random.default_rng(seed)
+
+    def blocks():
+        for start in range(0, rows, chunk_rows):
+            k = min(chunk_rows, rows - start)
+            yield (rng.random((k, 784), dtype=np.float32) * 0.9 + 0.05).astype(dtype)
+
+    write_dataset(path, blocks(), rows, 784, dtype=dtype, chunk_rows=chunk_rows)
+
+
+def _spec(path: Path, dtype: str, **kw):
+    from worker.spec import TrainSpec
+
+    base = dict(
+        dataset=str(path),
+        hidden=196,
+        lam=3e-3,
+        rho=0.1,
+        beta=3.0,
+        optimizer="adam",
+        learning_rate=1e-3,
+        batch_size=4096,
+        dtype=dtype,
+        log_every=1,
+        checkpoint_every=1000,
+    )
+    base.update(kw)
+    return TrainSpec(**base)
+
+
+def _rates(history: list[dict], skip: int = 2) -> list[float]:
+    """Samples/s of every logged step after the first ``skip`` (warm-up)."""
+    out = []
+    for a, b in zip(history[skip:], history[skip + 1 :], strict=False):
+        out.append((b["samples"] - a["samples"]) / (b["seconds"] - a["seconds"]))
+    return out
+
+
+def numpy_loop(X: np.ndarray, spec, steps: int) -> list[float]:
+    """Samples/s of the same batches through obj.cost and the Adam step, in memory."""
+    from threadpoolctl import threadpool_limits
+
+    from sae import objective as obj
+    from sae.optimize.stochastic import StochasticState, learning_rate, step
+    from worker.batches import Batches
+    from worker.schedule import build_network, optimizer_options
+
+    net = build_network(spec, 784)
+    b = Batches.of(X.shape[0], 2048, spec.batch_size, spec.seed + 0, spec.shuffle_window)
+    st = StochasticState.start("adam", net.init_theta(spec.seed), optimizer_options(spec))
+    rates = []
+    with threadpool_limits(2, user_api="blas"):
+        for t in range(steps):
+            parts = b.parts(0, t % b.per_epoch)
+            t0 = time.perf_counter()
+            rows = np.concatenate([c * 2048 + r for c, r in parts])
+            _, g = obj.cost(net, st.theta, X[rows], dtype=spec.dtype)
+            st = step(st, g, learning_rate(st.options, t, steps))
+            rates.append(len(rows) / (time.perf_counter() - t0))
+    return rates[2:]
+
+
+def throughput(args) -> None:
+    from worker.cluster import get_client
+    from worker.train import train
+
+    print(
+        f"GEMM peak (4096x784x196, 2 threads): float64 {gemm_peak('float64'):.1f} GFLOP/s, "
+        f"float32 {gemm_peak('float32'):.1f} GFLOP/s"
+    )
+    rows = 4096 * 10
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        get_client(workers=2, threads_per_worker=1) as (
+            client,
+            _,
+        ),
+    ):
+        for dtype in ("float64", "float32"):
+            path = Path(tmp) / dtype
+            _write(path, rows, dtype, 2048)
+            from worker.dataset import read_all
+
+            X = read_all(path).astype(dtype)
+            spec = _spec(path, dtype, max_steps=args.steps)
+            res = train(spec, Path(tmp) / f"job-{dtype}", client=client)
+            hist = json.loads(Path(res.history_path).read_text())
+            ours = float(np.median(_rates(hist)))
+            base = float(np.median(numpy_loop(X, spec, args.steps)))
+            peak = gemm_peak(dtype)
+            flops = step_flops(spec.batch_size) / spec.batch_size
+            print(
+                f"{dtype}: ours {ours:,.0f} samples/s ({ours * flops / 1e9 / peak:.0%} of peak), "
+                f"in-memory numpy loop {base:,.0f} samples/s ({base * flops / 1e9 / peak:.0%} "
+                f"of peak): ratio {ours / base:.2f}x (median of {args.steps - 3} steps)"
+            )
+
+
+def out_of_core(args) -> None:
+    from distributed import wait
+
+    from worker.cluster import get_client
+    from worker.dataset import open_dataset, read_chunk
+    from worker.train import train
+
+    root = Path(args.dir)
+    path = root / f"ooc-{args.rows}"
+    if not path.exists():
+        t = time.perf_counter()
+        _write(path, args.rows, "float32", 8192)
+        print(f"wrote {args.rows:,} x 784 float32 in {time.perf_counter() - t:.0f} s")
+    info = open_dataset(path)
+    gb = info.shape[0] * 784 * 4 / 1e9
+    with get_client(workers=2, threads_per_worker=1, memory_limit=args.memory_limit) as (c, _):
+        t = time.perf_counter()
+        futs = [
+            c.submit(lambda i: read_chunk(str(path), i, "float32").shape, i, pure=False)
+            for i in range(info.n_chunks)
+        ]
+        wait(futs)
+        read_s = time.perf_counter() - t
+        print(f"read once: {gb:.2f} GB in {read_s:.1f} s ({gb / read_s:.2f} GB/s)")
+        spec = _spec(path, "float32", epochs=1, log_every=10)
+        t = time.perf_counter()
+        res = train(spec, root / "ooc-job", client=c)
+        wall = time.perf_counter() - t
+        hist = json.loads(Path(res.history_path).read_text())
+        steps = res.iterations
+    print(
+        f"one epoch: {steps} steps of 4,096 rows in {wall:.1f} s "
+        f"({info.shape[0] / wall:,.0f} samples/s), status {res.status}"
+    )
+    print(
+        f"  compute at the in-memory throughput ({args.compute_rate:,.0f} samples/s, from "
+        f"`throughput`): {info.shape[0] / args.compute_rate:.1f} s"
+    )
+    bound = max(read_s, info.shape[0] / args.compute_rate)
+    print(f"  wall / max(read, compute) = {wall / bound:.2f} (goal <= 1.2)")
+    print(f"  last cost {hist[-1]['cost']:.5g}")
+
+
+def quality(args) -> None:
+    import dataclasses
+
+    from sae.mnist import load_idx
+    from worker.cluster import get_client
+    from worker.dataset import open_dataset, write_dataset
+    from worker.engine import BatchObjective
+    from worker.layout import read_history
+    from worker.schedule import Schedule
+    from worker.spec import TrainSpec
+    from worker.stage import Hooks
+    from worker.stage_id import StageId
+    from worker.stochastic import run_stochastic_stage
+    from worker.train import train
+
+    images = load_idx(Path(args.mnist) / "t10k-images-idx3-ubyte.gz")
+    X = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+    curves: dict[str, tuple[list[float], list[float]]] = {}
+    with (
+        tempfile.TemporaryDirectory() as tmp,
+        get_client(workers=2, threads_per_worker=1) as (
+            c,
+            _,
+        ),
+    ):
+        path = Path(tmp) / "mnist"
+        write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=1000, sample_shape=(28, 28))
+        common = dict(dataset=str(path), hidden=196, lam=3e-3, rho=0.1, beta=3.0, passes="fused")
+        t = time.perf_counter()
+        train(
+            TrainSpec(**common, max_iter=args.lbfgs_iter),
+            Path(tmp) / "lbfgs",
+            client=c,
+            refresh_seconds=1e9,
+        )
+        lbfgs_wall = time.perf_counter() - t
+        h = read_history(Path(tmp) / "lbfgs" / "history.json")
+        curves["L-BFGS"] = ([e["seconds"] for e in h], [e["cost"] for e in h])
+        print(
+            f"L-BFGS: {len(h) - 1} iterations, cost {h[-1]['cost']:.5f}, "
+            f"{h[-1]['seconds']:.1f} s training ({lbfgs_wall:.1f} s with setup)"
+        )
+
+        spec = TrainSpec(
+            **common,
+            optimizer="adam",
+            learning_rate=args.lr,
+            batch_size=args.batch,
+            epochs=args.epochs,
+            lr_schedule="cosine",
+            log_every=args.log_every,
+            checkpoint_every=10**6,
+        )
+        info = open_dataset(path)
+        stage = Schedule(spec, info, Path(tmp) / "adam").stage(StageId.single(), [])
+        every = [(i, np.arange(1000)) for i in range(info.n_chunks)]  # all rows: the full cost
+        stage = dataclasses.replace(
+            stage, pictures=False, validation=every, validate_every=args.eval_every
+        )
+        f = BatchObjective(c, str(path), stage.network, passes="fused", job="adam")
+        spent = [0.0]  # seconds of full-dataset evaluations, not training
+
+        def full_cost(theta):
+            t0 = time.perf_counter()
+            J = f(theta, every)[0]
+            spent[0] += time.perf_counter() - t0
+            return J
+
+        marks = []
+        res = run_stochastic_stage(
+            stage,
+            f,
+            Hooks(on_iteration=lambda e: "val_cost" in e and marks.append((e, spent[0]))),
+            validate=full_cost,
+            refresh_seconds=1e9,
+        )
+        xs = [e["seconds"] - s for e, s in marks]
+        ys = [e["val_cost"] for e, _ in marks]
+        curves[f"Adam (batch {args.batch}, cosine)"] = (xs, ys)
+        print(f"Adam: {res.iterations} steps, full cost {ys[-1]:.5f}, {xs[-1]:.1f} s training")
+    lb_cost, lb_time = curves["L-BFGS"][1][-1], curves["L-BFGS"][0][-1]
+    for x, y in zip(*curves[f"Adam (batch {args.batch}, cosine)"], strict=True):
+        if y <= 1.01 * lb_cost:
+            print(f"Adam within 1% of L-BFGS's cost after {x:.1f} s ({x / lb_time:.2f}x its time)")
+            break
+    else:
+        best = min(curves[f"Adam (batch {args.batch}, cosine)"][1])
+        print(
+            f"Adam's best full cost {best:.5f} is {best / lb_cost - 1:+.1%} from L-BFGS's "
+            f"{lb_cost:.5f}"
+        )
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 4.2), dpi=110)
+    ax = fig.add_subplot()
+    for name, (x, y) in curves.items():
+        ax.plot(x, y, label=name)
+    ax.set_yscale("log")
+    ax.set_xlabel("training seconds (2 workers x 1 thread)")
+    ax.set_ylabel("cost on all 10,000 digits")
+    ax.set_title("MNIST 784-196 sparse autoencoder (UFLDL setting)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(args.plot)
+    print(f"wrote {args.plot}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    sub = p.add_subparsers(dest="what", required=True)
+    t = sub.add_parser("throughput")
+    t.add_argument("--steps", type=int, default=20)
+    o = sub.add_parser("out-of-core")
+    o.add_argument("--rows", type=int, default=1_000_000)
+    o.add_argument("--memory-limit", default="670MB")
+    o.add_argument("--dir", default="/tmp/sae-bench")
+    o.add_argument("--compute-rate", type=float, default=30_000.0)
+    q = sub.add_parser("quality")
+    q.add_argument("--mnist", default=str(REPO / ".." / "shared" / "data" / "mnist"))
+    q.add_argument("--lbfgs-iter", type=int, default=400)
+    q.add_argument("--batch", type=int, default=256)
+    q.add_argument("--epochs", type=int, default=30)
+    q.add_argument("--lr", type=float, default=3e-3)
+    q.add_argument("--log-every", type=int, default=20)
+    q.add_argument("--eval-every", type=int, default=40)
+    q.add_argument("--plot", default=str(REPO / "docs" / "adam-vs-lbfgs.png"))
+    args = p.parse_args(argv)
+    {"throughput": throughput, "out-of-core": out_of_core, "quality": quality}[args.what](args)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
