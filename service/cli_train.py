@@ -310,6 +310,8 @@ def _finished(spec, out: Path) -> str | None:
 
     if spec.is_deep or not (out / STATE).exists():
         return None
+    if spec.is_stochastic:
+        return _finished_steps(spec, out)
     try:
         state = OptimizerState.load(out / STATE)
     except (OSError, ValueError):
@@ -328,6 +330,26 @@ def _finished(spec, out: Path) -> str | None:
         else ""
     )
     return f"{out} finished at iteration {state.iteration} ({message}){hint}"
+
+
+def _finished_steps(spec, out: Path) -> str | None:
+    """Why resuming the one-layer adam or sgd job in ``out`` would do nothing (its checkpoint
+    holds all its steps, or it stopped early), or None."""
+    from sae.optimize.stochastic import StochasticState
+    from worker.dataset import DatasetError, open_dataset
+    from worker.layout import STATE
+    from worker.schedule import training_rows
+
+    try:
+        state = StochasticState.load(out / STATE)
+        steps = spec.stage_iterations(training_rows(spec, open_dataset(spec.dataset)))
+    except (OSError, ValueError, DatasetError):
+        return None  # the run reports what is wrong
+    stale = spec.early_stopping is not None and state.stale >= spec.early_stopping
+    if state.step < steps and not stale:
+        return None
+    why = "early stopping" if stale and state.step < steps else f"all {steps} steps"
+    return f"{out} finished at step {state.step} ({why})"
 
 
 @click.command("gradcheck")

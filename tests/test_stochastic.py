@@ -419,3 +419,18 @@ def test_validation_errors_name_their_field(data):
             _spec(path, validation_fraction=bad)
     with pytest.raises(ValueError, match=r"^batch_size: 900 is larger than the training chunks"):
         check_spec(_spec(path, validation_fraction=0.2, batch_size=900), info)
+
+
+def test_resuming_a_finished_adam_job_has_nothing_to_do(two_workers, data, tmp_path):
+    from click.testing import CliRunner
+
+    from service.cli import main as sae
+
+    path, _ = data
+    out = tmp_path / "done"
+    assert train(_spec(path, epochs=1), out, client=two_workers).status == "succeeded"
+    res = CliRunner().invoke(sae, ["train", "--resume", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "nothing to do" in res.output and "finished at step 16 (all 16 steps)" in res.output
+    res = CliRunner().invoke(sae, ["train", "--resume", str(out), "--max-iter", "50"])
+    assert res.exit_code != 0 and "epochs" in res.output and "Traceback" not in res.output
