@@ -434,3 +434,21 @@ def test_resuming_a_finished_adam_job_has_nothing_to_do(two_workers, data, tmp_p
     assert "nothing to do" in res.output and "finished at step 16 (all 16 steps)" in res.output
     res = CliRunner().invoke(sae, ["train", "--resume", str(out), "--max-iter", "50"])
     assert res.exit_code != 0 and "epochs" in res.output and "Traceback" not in res.output
+
+
+def test_a_stage_that_stopped_early_stays_stopped_on_resume(two_workers, data, tmp_path):
+    path, _ = data
+    spec = _spec(
+        path,
+        optimizer="sgd",
+        learning_rate=5.0,
+        momentum=0.9,
+        epochs=20,
+        validation_fraction=0.2,
+        validate_every=2,
+        early_stopping=2,
+    )
+    first = train(spec, tmp_path / "es", client=two_workers)
+    assert "early stopping" in first.message
+    again = train(spec, tmp_path / "es", client=two_workers, resume=True)
+    assert again.iterations == first.iterations and "stopped early" in again.message

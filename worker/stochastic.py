@@ -131,7 +131,10 @@ def run_stochastic_stage(
 
     try:
         with one_blas_thread():
-            while state.step < total:
+            stopped = stage.early_stopping is not None and state.stale >= stage.early_stopping
+            if stopped:  # a resumed stage that had stopped early stays stopped
+                message = f"stopped early at step {state.step} (best at {state.best_step})"
+            while state.step < total and not stopped:
                 if hooks.stop():
                     status, message = "cancelled", f"cancelled at step {state.step}"
                     break
