@@ -384,10 +384,9 @@ def test_held_out_chunks_are_never_trained_on_and_give_val_cost(two_workers, dat
     assert obj.cost(net, theta_best, X[rows])[0] == pytest.approx(best["val_cost"], rel=1e-12)
 
 
-def test_early_stopping_keeps_the_best_model(two_workers, data, tmp_path):
-    path, X = data
-    # a learning rate far too large: the held-out cost soon stops improving
-    spec = _spec(
+def _overshooting(path: str) -> TrainSpec:
+    """SGD with a learning rate far too large: the held-out cost soon stops improving."""
+    return _spec(
         path,
         optimizer="sgd",
         learning_rate=5.0,
@@ -397,6 +396,11 @@ def test_early_stopping_keeps_the_best_model(two_workers, data, tmp_path):
         validate_every=2,
         early_stopping=2,
     )
+
+
+def test_early_stopping_keeps_the_best_model(two_workers, data, tmp_path):
+    path, X = data
+    spec = _overshooting(path)
     res = train(spec, tmp_path / "es", client=two_workers)
     assert res.status == "succeeded" and res.iterations < 20 * 15
     assert "early stopping" in res.message and "best.npz" in res.message
@@ -438,16 +442,7 @@ def test_resuming_a_finished_adam_job_has_nothing_to_do(two_workers, data, tmp_p
 
 def test_a_stage_that_stopped_early_stays_stopped_on_resume(two_workers, data, tmp_path):
     path, _ = data
-    spec = _spec(
-        path,
-        optimizer="sgd",
-        learning_rate=5.0,
-        momentum=0.9,
-        epochs=20,
-        validation_fraction=0.2,
-        validate_every=2,
-        early_stopping=2,
-    )
+    spec = _overshooting(path)
     first = train(spec, tmp_path / "es", client=two_workers)
     assert "early stopping" in first.message
     again = train(spec, tmp_path / "es", client=two_workers, resume=True)

@@ -131,28 +131,26 @@ class Batches:
         perm = np.random.default_rng([self.seed, epoch, 1, w]).permutation(ci.size)
         return ci[perm], ri[perm]
 
-    @functools.cached_property
-    def _window_starts(self) -> dict[int, np.ndarray]:
-        return {}
-
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - the instances are few and immutable
     def _starts(self, epoch: int) -> np.ndarray:
         """First stream position of each window of ``epoch`` (and the end)."""
-        cache = self._window_starts
-        if epoch not in cache:
-            order = self.chunk_order(epoch)
-            sizes = [
-                sum(self.chunk_rows[c] for c in order[k : k + self.window])
-                for k in range(0, len(order), self.window)
-            ]
-            cache.clear()
-            cache[epoch] = np.concatenate([[0], np.cumsum(sizes)])
-        return cache[epoch]
+        order = self.chunk_order(epoch)
+        sizes = [
+            sum(self.chunk_rows[c] for c in order[k : k + self.window])
+            for k in range(0, len(order), self.window)
+        ]
+        return np.concatenate([[0], np.cumsum(sizes)])
+
+    @functools.lru_cache(maxsize=2)  # noqa: B019 - the instances are few and immutable
+    def _positions(self, epoch: int) -> dict[int, int]:
+        """Dataset chunk index -> position in the epoch's chunk order."""
+        ids = self.ids or range(len(self.chunk_rows))
+        return {ids[c]: p for p, c in enumerate(self.chunk_order(epoch))}
 
     def slots(self, epoch: int, parts: Parts) -> list[int]:
         """Each part's chunk's position in the epoch's chunk order: consecutive positions go
         to different workers, so the parts of a batch (its window's chunks) spread evenly."""
-        ids = list(self.ids or range(len(self.chunk_rows)))
-        where = {ids[c]: p for p, c in enumerate(self.chunk_order(epoch))}
+        where = self._positions(epoch)
         return [where[c] for c, _ in parts]
 
     def parts(self, epoch: int, t: int) -> Parts:

@@ -389,14 +389,19 @@ class DistributedObjective:
             n += self.info.shape[1]
         return m * n * item
 
-    def _cache_budget(self) -> int:
-        n = max(1, len(self._workers))
+    def _memory_budget(self) -> int:
+        """Bytes a worker's chunk cache may use: :data:`CACHE_FRACTION` of its memory limit
+        (or of the machine's memory per worker) less :data:`CACHE_RESERVED_BYTES`."""
         limit = self._mem_limit
         if not limit:
             import psutil
 
-            limit = psutil.virtual_memory().total // n
-        budget = max(0, int(CACHE_FRACTION * limit) - CACHE_RESERVED_BYTES)
+            limit = psutil.virtual_memory().total // max(1, len(self._workers))
+        return max(0, int(CACHE_FRACTION * limit) - CACHE_RESERVED_BYTES)
+
+    def _cache_budget(self) -> int:
+        n = max(1, len(self._workers))
+        budget = self._memory_budget()
         need = -(-self._stage_nbytes() // n)
         # One chunk more per worker: chunk counts do not divide evenly.
         chunk = self.info.chunk_rows * self._stage_nbytes() // max(1, self.info.shape[0])
@@ -526,15 +531,7 @@ class BatchObjective(DistributedObjective):
         super().__init__(*args, cache=cache, single_task=False, **kwargs)
 
     def _cache_budget(self) -> int:
-        if self._cache_request is False:
-            return 0
-        n = max(1, len(self._workers))
-        limit = self._mem_limit
-        if not limit:
-            import psutil
-
-            limit = psutil.virtual_memory().total // n
-        return max(0, int(CACHE_FRACTION * limit) - CACHE_RESERVED_BYTES)
+        return 0 if self._cache_request is False else self._memory_budget()
 
     def batch_graph(self, theta: np.ndarray, parts, rho_ema: dict | None, decay: float, slots):
         """The graph of one batch and the key of its ``(J, grad, rho_hat)`` (rho_hat None for
