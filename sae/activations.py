@@ -76,10 +76,19 @@ def _linear_prime(a: np.ndarray) -> np.ndarray:
     return np.ones_like(a)
 
 
+def _relu(z: np.ndarray) -> np.ndarray:
+    return np.maximum(z, 0)
+
+
+def _relu_prime(a: np.ndarray) -> np.ndarray:
+    return (a > 0).astype(np.asarray(a).dtype)
+
+
 ACTIVATIONS: dict[str, Activation] = {
     "sigmoid": Activation("sigmoid", _sigmoid, _sigmoid_prime, 0.0, 1.0, 1.0, 0.0),
     "tanh": Activation("tanh", np.tanh, _tanh_prime, -1.0, 1.0, 0.5, 0.5),
     "linear": Activation("linear", _identity, _linear_prime, -np.inf, np.inf, None, None),
+    "relu": Activation("relu", _relu, _relu_prime, 0.0, np.inf, None, None),
 }
 
 

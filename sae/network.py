@@ -51,6 +51,11 @@ class Network:
         Weight of the sparsity penalty of layers ``1..L`` (length ``L``), ``>= 0``.
     """
 
+    #: The model kind (:data:`sae.dictionary.KINDS`); subclasses give others.
+    kind = "sigmoid-kl"
+    #: Whether decoder columns are kept at unit norm (a dictionary's option).
+    unit_norm_decoder = False
+
     sizes: tuple[int, ...]
     activations: tuple[str, ...]
     lam: float = 0.0
@@ -213,6 +218,14 @@ class Network:
         bs = [np.zeros(n) for n in self.sizes[1:]]
         return self.pack(Ws, bs)
 
+    def effective(self, theta: np.ndarray) -> np.ndarray:
+        """Theta as the model computes with it (the same for this kind)."""
+        return np.asarray(theta, dtype=np.float64)
+
+    def project(self, theta: np.ndarray) -> np.ndarray:
+        """Theta after a stochastic step, back on the parameters' constraint (none here)."""
+        return theta
+
     def check_X(self, X: np.ndarray, name: str = "X") -> np.ndarray:
         """Validate a data matrix of shape (m, n_0) and return it as an ndarray."""
         X = np.asarray(X)
@@ -234,7 +247,11 @@ class Network:
 
     @classmethod
     def from_dict(cls, d: dict) -> Network:
-        """Rebuild a network from :meth:`to_dict` output."""
+        """Rebuild a network from :meth:`to_dict` output (a dictionary's too)."""
+        if d.get("kind", "sigmoid-kl") != "sigmoid-kl":
+            from sae.dictionary import Dictionary
+
+            return Dictionary.from_dict(d)
         return cls(
             sizes=tuple(d["sizes"]),
             activations=tuple(d["activations"]),

@@ -26,6 +26,7 @@ from typing import Literal
 
 import numpy as np
 
+from sae import dictionary
 from sae.activations import get_activation
 from sae.blas import blas_ready
 from sae.network import Network
@@ -66,6 +67,8 @@ def forward(
     A : list of ndarrays, ``A[l]`` of shape (m, n_l) for ``l = 0..upto`` (``A[0]`` is X).
     """
     dt = _compute_dtype(dtype)
+    if net.kind != "sigmoid-kl":
+        return dictionary.forward(net, theta, X, upto, dt)
     X = blas_ready(net.check_X(X), dt)
     Ws, bs = net.unpack(theta)
     upto = net.n_layers if upto is None else upto
@@ -91,6 +94,8 @@ def pass1(net: Network, theta: np.ndarray, X: np.ndarray, dtype=None) -> Sums:
     sums : dict
         ``"count"`` (shape ()), and ``"a{l}_sum"`` of shape (n_l,) for every sparse layer l.
     """
+    if net.kind != "sigmoid-kl":
+        return dictionary.pass1(net, theta, X, _compute_dtype(dtype))
     sums: Sums = {"count": _f64(np.asarray(X).shape[0])}
     if not net.sparse_layers:
         return sums
@@ -106,8 +111,11 @@ def rho_hat(net: Network, sums: Sums) -> dict[int, np.ndarray]:
     Returns
     -------
     rho_hat : dict
-        layer -> ndarray of shape (n_l,).
+        layer -> ndarray of shape (n_l,). For a dictionary, what its pass 2 needs instead
+        (:func:`sae.dictionary.stats`).
     """
+    if net.kind != "sigmoid-kl":
+        return dictionary.stats(net, sums)
     m = float(sums["count"])
     if m <= 0:
         raise ValueError("X: the dataset holds no examples")
@@ -217,6 +225,8 @@ def pass2(
         ``"count"``, ``"err"`` = sum_i 1/2 ||a_L - y||^2, ``"W{l}"`` of shape (n_l, n_{l-1})
         and ``"b{l}"`` of shape (n_l,).
     """
+    if net.kind != "sigmoid-kl":
+        return dictionary.pass2(net, theta, X, rho_hat_, Y, _compute_dtype(dtype))
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
     s = sparsity_delta(net, rho_hat_)
@@ -228,7 +238,15 @@ def pass2(
 
 
 def check_fused(net: Network) -> None:
-    """Raise unless the one-pass form is exact for this network (sparsity on layer 1 only)."""
+    """Raise unless the one-pass form is exact for this network (sparsity on layer 1 only;
+    for a dictionary, no AuxK, whose dead latents pass 1 counts)."""
+    if net.kind != "sigmoid-kl":
+        if net.sparse_layers:
+            raise ValueError(
+                "passes: TopK with AuxK needs two passes (pass 1 counts the dead latents); "
+                "use passes='two'"
+            )
+        return
     if any(l != 1 for l in net.sparse_layers):
         raise ValueError(
             "passes: the fused one-pass gradient supports a sparsity target on the first "
@@ -249,6 +267,8 @@ def fused(
         ``"fp1"`` = sum_i f'(z_1) of shape (n_1,) when layer 1 is sparse.
     """
     check_fused(net)
+    if net.kind != "sigmoid-kl":
+        return dictionary.pass2(net, theta, X, None, Y, _compute_dtype(dtype))
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
     sums, A = _backprop(net, theta, X, Y, {}, dtype)
@@ -258,6 +278,19 @@ def fused(
         sums["fpx1"] = _f64(fp.T @ A[0])
         sums["fp1"] = _f64(fp.sum(axis=0, dtype=np.float64))
     return sums
+
+
+def batch_stats(net: Network, sums1: Sums, previous: dict | None, decay: float) -> dict:
+    """What pass 2 of a minibatch uses, from the batch's pass-1 totals ``sums1``: each sparse
+    layer's rho_hat of the batch, averaged with the ``previous`` running average when there
+    is one (``decay * previous + (1 - decay) * batch``); for a dictionary, the counters of
+    examples since each latent was last active (:func:`sae.dictionary.since_fired`)."""
+    if net.kind != "sigmoid-kl":
+        return dictionary.since_fired(net, sums1, previous)
+    batch = rho_hat(net, sums1)
+    if previous is None:
+        return batch
+    return {l: decay * previous[l] + (1.0 - decay) * r for l, r in batch.items()}
 
 
 def add_sums(a: Sums, b: Sums) -> Sums:
@@ -302,6 +335,8 @@ def finalize(net: Network, theta: np.ndarray, sums: Sums) -> tuple[float, np.nda
         If the cost or gradient is not finite (saturated units, diverging optimisation or
         non-finite data); the message says which.
     """
+    if net.kind != "sigmoid-kl":
+        return dictionary.finalize(net, theta, sums)
     m = float(sums["count"])
     if m <= 0:
         raise ValueError("X: the dataset holds no examples")

@@ -128,7 +128,7 @@ def _cluster_options(f):
 
 
 def _network_options(f):
-    acts = click.Choice(["sigmoid", "tanh", "linear"])
+    acts = click.Choice(["sigmoid", "tanh", "linear", "relu"])
     for opt in reversed(
         [
             click.option("--hidden", default=None, help="25, or 1000,500,250,30 for a deep net"),
@@ -140,6 +140,41 @@ def _network_options(f):
             click.option("--passes", type=click.Choice(["two", "fused"]), default=None),
             click.option("--dtype", type=click.Choice(["float64", "float32"]), default=None),
             click.option("--seed", type=int, default=None),
+            click.option(
+                "--kind",
+                type=click.Choice(["sigmoid-kl", "relu-l1", "topk"]),
+                default=None,
+                help="Model kind [sigmoid-kl]: classic sigmoid + KL, ReLU + L1, or TopK",
+            ),
+            click.option("--l1", type=float, default=None, help="relu-l1: L1 weight [1e-3]"),
+            click.option(
+                "--l1-weighting",
+                type=click.Choice(["none", "decoder-norm"]),
+                default=None,
+                help="relu-l1: weight L1 by decoder column norms [none]",
+            ),
+            click.option("--k", type=int, default=None, help="topk: active latents per example"),
+            click.option("--k-aux", type=int, default=None, help="topk: AuxK's dead latents"),
+            click.option("--aux-coeff", type=float, default=None, help="topk: AuxK weight [1/32]"),
+            click.option(
+                "--dead-after", type=int, default=None, help="topk, adam/sgd: examples [1 epoch]"
+            ),
+            click.option(
+                "--unit-norm-decoder/--free-decoder",
+                default=None,
+                help="relu-l1, topk: unit-norm decoder columns [unit]",
+            ),
+            click.option(
+                "--tied-init/--no-tied-init",
+                default=None,
+                help="relu-l1, topk: W_enc = W_dec^T at the start [tied]",
+            ),
+            click.option(
+                "--b-dec-init",
+                type=click.Choice(["mean", "zeros"]),
+                default=None,
+                help="relu-l1, topk: start b_dec at the data mean [mean]",
+            ),
         ]
     ):
         f = opt(f)

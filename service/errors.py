@@ -38,6 +38,9 @@ def clean_message(field: str | Sequence[str], msg: str) -> str:
     return msg
 
 
+#: A message that starts with the field it is about: ``"k: must be at most ..."``.
+_NAMED = re.compile(r"^([a-z][a-z0-9_]*): ")
+
 #: pydantic's names of the branches of a union (``hidden.int``, ``hidden.list[int]``): not fields
 _BRANCH = re.compile(r"^((int|float|str|bool|none|list|dict|tuple)(\[.*\])?|function-.*)$")
 
@@ -57,7 +60,12 @@ def clean_errors(errors: Iterable[Mapping[str, Any]]) -> list[dict[str, Any]]:
     out = []
     for err in errors:
         err = dict(err)
-        loc = err.get("loc") or ()
+        loc = tuple(err.get("loc") or ())
+        if not field_name(loc):  # a check across fields: its message names the field
+            named = _NAMED.match(clean_message("", err.get("msg", "")))
+            if named:
+                loc = (*loc, named.group(1))
+                err["loc"] = loc
         names = [field_name(loc), *(str(p) for p in loc if isinstance(p, str))]
         err["msg"] = clean_message(names, err.get("msg", ""))
         out.append(err)

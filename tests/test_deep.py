@@ -243,7 +243,7 @@ def test_bad_options_are_named():
     with pytest.raises(ValueError, match="^rho:"):
         DeepArchitecture(10, (5, 3), code_activation="linear", rho=(0.1, 0.1))
     with pytest.raises(ValueError, match="activation"):
-        DeepArchitecture(10, (5, 3), activation="relu")
+        DeepArchitecture(10, (5, 3), activation="swish")
     # an overcomplete first layer is fine; only the code must not exceed the input
     DeepArchitecture(10, (20, 5))
 

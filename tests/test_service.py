@@ -437,3 +437,24 @@ def test_a_failing_job_reports_its_error(http, server):
     assert "chunk 1" in job["error"], job["error"]
     # it failed before its first checkpoint: there is no model to give back
     assert http.get(f"/jobs/{job_id}/model.npz").status_code == 404
+
+
+def test_topk_job_over_rest_and_its_bad_fields(http):
+    spec = {"dataset": "tiny", "kind": "topk", "k": 2, "hidden": 8, "max_iter": 10, "seed": 1}
+    job_id = http.post("/jobs", json=spec).json()["id"]
+    job = wait_job(http, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    enc = http.post(f"/jobs/{job_id}/encode", json={"X": tiny_data(m=5, seed=9).tolist()}).json()
+    hidden = np.asarray(enc["hidden"])
+    assert hidden.shape == (5, 8) and np.count_nonzero(hidden, axis=1).max() <= 2
+    for bad, field in [
+        ({"k": 9}, "k"),
+        ({"k": 0}, "k"),
+        ({"rho": 0.1}, "rho"),
+        ({"kind": "relu-l1", "k": None, "l1": -1}, "l1"),
+        ({"kind": "sigmoid-kl", "k": None, "k_aux": 3}, "k_aux"),
+    ]:
+        r = http.post("/jobs", json={**spec, **bad})
+        assert r.status_code == 422, r.text
+        assert r.json()["detail"][0]["loc"] == ["body", field], r.text
+        assert not r.json()["detail"][0]["msg"].startswith(field)

@@ -504,10 +504,7 @@ class DistributedObjective:
 def _ema(net: Network, sums1: dict, previous: dict | None, decay: float) -> dict:
     """Each sparse layer's rho_hat of a batch (pass-1 totals ``sums1``), averaged with the
     ``previous`` running average when there is one."""
-    batch = obj.rho_hat(net, sums1)
-    if previous is None:
-        return batch
-    return {l: decay * previous[l] + (1.0 - decay) * r for l, r in batch.items()}
+    return obj.batch_stats(net, sums1, previous, decay)
 
 
 class BatchObjective(DistributedObjective):

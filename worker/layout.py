@@ -15,6 +15,9 @@ A one-layer job's stage is the folder itself; a deep job has a folder per stage:
                       cost (history entries carry val_cost)
     filters.png       the first layer's filters (refreshed while training)
     cost.png          cost per iteration (one line per stage)
+    metrics.json      the final model's reconstruction and sparsity metrics on the held-out
+                      chunks (or all of them): worker.evaluate, sae.metrics
+    density.png       the histogram of its latents' log10 firing frequencies
     stage-1/ ...      deep jobs: pretraining stage k (the same files, plus done.json once the
     stage-K/          stage has finished; the stage's own sparse autoencoder in model.npz)
     finetune/         deep jobs: the unrolled network trained end to end
@@ -49,13 +52,16 @@ MODEL = "model.npz"
 BEST = "best.npz"
 FILTERS = "filters.png"
 COST = "cost.png"
+#: The final model's metrics (:func:`worker.evaluate.evaluate_job`) and its latents' density.
+METRICS = "metrics.json"
+DENSITY = "density.png"
 DONE = "done.json"
 CANCEL = ".cancel"
 OWNER = ".owner"
 STARTED_PREFIX = ".started-"
 
 #: What a fresh (not resumed) job removes from its folder before it starts.
-_RESULTS = (STATE, HISTORY, MODEL, BEST, FILTERS, COST)
+_RESULTS = (STATE, HISTORY, MODEL, BEST, FILTERS, COST, METRICS, DENSITY)
 
 
 def stage_dir(root: Path, stage: StageId) -> Path:
@@ -100,9 +106,10 @@ def read_job(root: Path) -> dict:
 def save_model(path: Path, net: Network, theta: np.ndarray, spec: dict | None = None) -> Path:
     """Write ``model.npz``: ``W1..WL``, ``b1..bL``, ``theta`` and ``spec`` (a JSON string).
 
-    ``spec`` holds the given metadata plus ``"network": net.to_dict()``.
+    ``spec`` holds the given metadata plus ``"network": net.to_dict()``. ``W1..WL`` are the
+    weights the model computes with (a unit-norm decoder normalised); ``theta`` is as trained.
     """
-    Ws, bs = net.unpack(theta)
+    Ws, bs = net.unpack(net.effective(theta))
     meta = dict(spec or {})
     meta["network"] = net.to_dict()
     arrays = {f"W{l}": W for l, W in enumerate(Ws, start=1)}

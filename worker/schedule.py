@@ -17,11 +17,12 @@ import numpy as np
 
 from sae.activations import get_activation
 from sae.deep import DeepArchitecture
+from sae.dictionary import Dictionary
 from sae.network import Network
 from sae.objective import check_fused
 from worker import layout
 from worker.dataset import DatasetInfo, open_dataset
-from worker.spec import TrainSpec
+from worker.spec import DEFAULT_L1, TrainSpec
 from worker.stage import Stage
 from worker.stage_id import StageId
 
@@ -42,14 +43,19 @@ DEEP_LS_MAXITER = 40
 # ----------------------------------------------------------------------------- networks
 
 
-def build_network(spec: TrainSpec, n_features: int) -> Network:
-    """The sparse autoencoder ``n_features -> hidden -> n_features`` of a one-layer spec.
+def build_network(spec: TrainSpec, n_features: int, rows: int | None = None) -> Network:
+    """The sparse autoencoder ``n_features -> hidden -> n_features`` of a one-layer spec: the
+    classic network, or a :class:`~sae.dictionary.Dictionary` for kinds relu-l1 and topk.
+
+    ``rows`` (the training rows) is the default ``dead_after`` of a stochastic topk job.
 
     Raises
     ------
     ValueError
         Naming the field (e.g. ``rho`` on units that cannot carry a sparsity target).
     """
+    if spec.is_dictionary:
+        return _dictionary(spec, n_features, rows)
     return Network.autoencoder(
         n_features,
         spec.hidden_sizes[0],
@@ -59,6 +65,45 @@ def build_network(spec: TrainSpec, n_features: int) -> Network:
         activation=spec.activation,
         output_activation=spec.output_activation,
     )
+
+
+def _dictionary(spec: TrainSpec, n_features: int, rows: int | None) -> Dictionary:
+    """The relu-l1 or topk dictionary of a spec."""
+    options: dict = {"lam": spec.lam}
+    if spec.unit_norm_decoder is not None:
+        options["unit_norm"] = spec.unit_norm_decoder
+    if spec.kind == "relu-l1":
+        options["l1"] = DEFAULT_L1 if spec.l1 is None else spec.l1
+        options["l1_weighting"] = spec.l1_weighting or "none"
+    else:
+        options.update(k=spec.k, k_aux=spec.k_aux)
+        if spec.aux_coeff is not None:
+            options["aux_coeff"] = spec.aux_coeff
+        dead = spec.dead_after
+        if dead is None and spec.is_stochastic and rows is not None:
+            dead = rows
+        if dead is not None:
+            options["dead_after"] = dead
+    return Dictionary.of(spec.kind, n_features, spec.hidden_sizes[0], **options)
+
+
+def data_mean(info: DatasetInfo, chunk_ids=None) -> np.ndarray:
+    """The mean row of a dataset's chunks (all, or ``chunk_ids``), streamed chunk by chunk in
+    float64, in chunk order (the same bits on every run).
+
+    Returns
+    -------
+    mean : ndarray of shape (n_features,)
+    """
+    from worker.dataset import read_chunk
+
+    ids = range(info.n_chunks) if chunk_ids is None else chunk_ids
+    total, count = np.zeros(info.shape[1]), 0
+    for i in ids:
+        X = read_chunk(info.path, i, "float64", info.scale)
+        total += X.sum(axis=0)
+        count += X.shape[0]
+    return total / max(count, 1)
 
 
 def deep_architecture(spec: TrainSpec, n_visible: int) -> DeepArchitecture:
@@ -320,7 +365,8 @@ class Schedule:
     def stage_network(self, sid: StageId) -> Network:
         """The network stage ``sid`` trains."""
         if sid.kind == "single":
-            return build_network(self.spec, self.info.shape[1])
+            rows = training_rows(self.spec, self.info)
+            return build_network(self.spec, self.info.shape[1], rows)
         if sid.kind == "pretrain":
             return self.arch.stage_network(sid.index)
         return self.arch.network()
@@ -385,6 +431,19 @@ class Schedule:
 
         return whole_chunks(ids, self.info.shape[0], self.info.chunk_rows)
 
+    def _theta0(self, net: Network) -> np.ndarray:
+        """The starting point of a one-layer stage: a dictionary's starts at the training
+        data's mean (``b_dec_init`` "mean", streamed), with a tied encoder unless not asked."""
+        spec = self.spec
+        if not spec.is_dictionary:
+            return net.init_theta(spec.seed)
+        mean = None
+        if spec.b_dec_init in (None, "mean"):
+            held = set(self.held_out())
+            mean = data_mean(self.info, [i for i in range(self.info.n_chunks) if i not in held])
+        tied = spec.tied_init is None or spec.tied_init
+        return net.init_theta(spec.seed, mean=mean, tied=tied)
+
     def _budget(self, sid: StageId) -> int:
         """Iterations (steps) of stage ``sid``."""
         rows = training_rows(self.spec, self.info)
@@ -408,7 +467,10 @@ class Schedule:
                 batches=self._batches(sid),
                 log_every=spec.log_every,
                 checkpoint_every=spec.checkpoint_every,
-                rho_decay=spec.ema_decay if spec.sparsity_estimate == "ema" else None,
+                # carried from step to step: the running rho_hat, or AuxK's counters
+                rho_decay=spec.ema_decay
+                if spec.sparsity_estimate == "ema" or net.sparse_layers and spec.is_dictionary
+                else None,
                 validation=self._validation(),
                 validate_every=spec.validate_every,
                 early_stopping=spec.early_stopping,
@@ -431,7 +493,7 @@ class Schedule:
         )
         if sid.kind == "single":
             return Stage(
-                theta0=net.init_theta(spec.seed),
+                theta0=self._theta0(net),
                 options=optimizer_options(spec),
                 metadata=self.metadata,
                 **common,

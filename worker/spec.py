@@ -10,7 +10,24 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-ActivationName = Literal["sigmoid", "tanh", "linear"]
+ActivationName = Literal["sigmoid", "tanh", "linear", "relu"]
+KindName = Literal["sigmoid-kl", "relu-l1", "topk"]
+#: The kinds of :mod:`sae.dictionary` (ReLU encoder, linear decoder, pre-encoder bias).
+DICTIONARY_KINDS = ("relu-l1", "topk")
+#: Fields only the dictionary kinds have, with the kind(s) each belongs to.
+_DICTIONARY_FIELDS = {
+    "l1": ("relu-l1",),
+    "l1_weighting": ("relu-l1",),
+    "k": ("topk",),
+    "k_aux": ("topk",),
+    "aux_coeff": ("topk",),
+    "dead_after": ("topk",),
+    "unit_norm_decoder": DICTIONARY_KINDS,
+    "tied_init": DICTIONARY_KINDS,
+    "b_dec_init": DICTIONARY_KINDS,
+}
+#: The L1 weight of relu-l1 when none is given.
+DEFAULT_L1 = 1e-3
 
 MAX_UNITS = 100_000
 MAX_ITER = 1_000_000
@@ -26,6 +43,12 @@ class TrainSpec(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     dataset: str = Field(min_length=1, description="Dataset path (CLI) or name (REST)")
+    kind: KindName = Field(
+        "sigmoid-kl",
+        description="Model kind: the classic sigmoid autoencoder with a KL sparsity penalty, "
+        "a ReLU dictionary with an L1 penalty (relu-l1), or one keeping the k largest "
+        "latents per example (topk)",
+    )
     hidden: int | list[int] = Field(25, description="Hidden size, or sizes of a deep encoder")
     activation: ActivationName = "sigmoid"
     output_activation: ActivationName | None = Field(
@@ -123,6 +146,74 @@ class TrainSpec(BaseModel):
     finetune_sparse: bool = Field(
         False, description="Keep the hidden layers' sparsity penalty during fine-tuning"
     )
+    l1: float | None = Field(
+        None,
+        ge=0,
+        le=1e6,
+        allow_inf_nan=False,
+        description=f"relu-l1: weight of the L1 penalty on the latents (default {DEFAULT_L1})",
+    )
+    l1_weighting: Literal["none", "decoder-norm"] | None = Field(
+        None, description="relu-l1: weight each latent's L1 term by its decoder column's norm"
+    )
+    k: int | None = Field(
+        None, ge=1, le=MAX_UNITS, description="topk: active latents per example (required)"
+    )
+    k_aux: int | None = Field(
+        None,
+        ge=1,
+        le=MAX_UNITS,
+        description="topk: dead latents that reconstruct the residual (AuxK; default none)",
+    )
+    aux_coeff: float | None = Field(
+        None, ge=0, le=1e6, allow_inf_nan=False, description="topk: weight of AuxK (1/32)"
+    )
+    dead_after: int | None = Field(
+        None,
+        ge=1,
+        le=10**15,
+        description="topk with adam/sgd: a latent inactive for this many examples is dead "
+        "(default: one epoch's rows); full-batch: dead = inactive on all the data",
+    )
+    unit_norm_decoder: bool | None = Field(
+        None, description="relu-l1, topk: decoder columns of unit norm (default true)"
+    )
+    tied_init: bool | None = Field(
+        None, description="relu-l1, topk: start with W_enc = W_dec^T (default true)"
+    )
+    b_dec_init: Literal["mean", "zeros"] | None = Field(
+        None, description="relu-l1, topk: start b_dec at the data's mean (default) or zeros"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _kind_fields(cls, data):
+        """Fields of one kind refused on another (naming them); a dictionary kind has no KL
+        penalty, ReLU latents and a linear decoder, and no weight decay unless given."""
+        if not isinstance(data, dict):
+            return data
+        kind = data.get("kind", "sigmoid-kl")
+        if kind not in ("sigmoid-kl", *DICTIONARY_KINDS):
+            return data  # the Literal's own error
+        for name, kinds in _DICTIONARY_FIELDS.items():
+            if data.get(name) is not None and kind not in kinds:
+                owners = " and ".join(repr(k) for k in kinds)
+                raise ValueError(f"{name}: only for kind {owners}, not {kind!r}")
+        if kind == "sigmoid-kl":
+            return data
+        data = dict(data)
+        why = "its sparsity is k" if kind == "topk" else "its sparsity penalty is l1"
+        if data.get("rho") is not None:
+            raise ValueError(f"rho: kind {kind!r} has no KL sparsity target ({why})")
+        if data.get("beta") not in (None, 0, 0.0):
+            raise ValueError(f"beta: kind {kind!r} has no KL sparsity penalty ({why})")
+        if data.get("activation") not in (None, "relu"):
+            raise ValueError(f"activation: kind {kind!r} has ReLU latents")
+        if data.get("output_activation") not in (None, "linear"):
+            raise ValueError(f"output_activation: kind {kind!r} has a linear decoder")
+        data.update(rho=None, beta=0.0, activation="relu", output_activation="linear")
+        data.setdefault("lam", 0.0)
+        return data
 
     @field_validator("hidden")
     @classmethod
@@ -138,12 +229,42 @@ class TrainSpec(BaseModel):
         return v
 
     @model_validator(mode="after")
+    def _check_kind(self) -> TrainSpec:
+        if self.kind == "sigmoid-kl":
+            return self
+        if self.is_deep:
+            raise ValueError(
+                f"hidden: kind {self.kind!r} trains one hidden layer; give one size "
+                "(deep autoencoders are sigmoid-kl)"
+            )
+        h = self.hidden_sizes[0]
+        if self.kind == "topk":
+            if self.k is None:
+                raise ValueError("k: kind 'topk' needs k, the active latents per example")
+            for name in ("k", "k_aux"):
+                v = getattr(self, name)
+                if v is not None and v > h:
+                    raise ValueError(f"{name}: must be at most the hidden size {h}, got {v}")
+            if self.k_aux is not None and self.passes == "fused":
+                raise ValueError(
+                    "passes: AuxK (k_aux) needs two passes (pass 1 counts the dead latents)"
+                )
+        if self.sparsity_estimate == "ema":
+            raise ValueError("sparsity_estimate: only for kind 'sigmoid-kl' (its KL penalty)")
+        return self
+
+    @model_validator(mode="after")
     def _check_stochastic(self) -> TrainSpec:
         if self.sparsity_estimate == "ema" and self.passes == "fused":
             raise ValueError("sparsity_estimate: a running average needs passes 'two'")
         if self.early_stopping is not None and self.validation_fraction is None:
             raise ValueError("early_stopping: give a validation_fraction to stop on")
         return self
+
+    @property
+    def is_dictionary(self) -> bool:
+        """True for the kinds relu-l1 and topk (:class:`sae.dictionary.Dictionary`)."""
+        return self.kind in DICTIONARY_KINDS
 
     @property
     def is_stochastic(self) -> bool:

@@ -145,7 +145,10 @@ def run_stochastic_stage(
                 )
                 lr = learning_rate(state.options, state.step, total)
                 rows = sum(len(r) for _, r in parts)
-                state = _advance(stage, state, step(state, grad, lr), J, rows, rho_hat)
+                new = step(state, grad, lr)
+                if stage.network.unit_norm_decoder:  # back on the constraint (unit columns)
+                    new = new.replace(theta=stage.network.project(new.theta))
+                state = _advance(stage, state, new, J, rows, rho_hat)
                 end_of_epoch, last = state.batch == 0, state.step == total
                 val = None
                 if validate is not None and (
