@@ -51,7 +51,8 @@ def format_info(info: DatasetInfo) -> str:
         f"dataset:       {info.path}",
         f"shape:         {m} x {n} (examples x features)",
         f"dtype:         {info.dtype}"
-        + (f" (values = stored * scale, scale {info.scale:.6g})" if info.scale != 1.0 else ""),
+        + (f" (values = stored * scale, scale {info.scale:.6g})" if info.scale != 1.0 else "")
+        + (" (read as float32 or float64)" if info.dtype in ("float16", "bfloat16") else ""),
         f"chunks:        {info.n_chunks} chunk{'s' if info.n_chunks != 1 else ''} of "
         f"{info.chunk_rows} rows"
         + (f" (last one {last})" if info.n_chunks and last != info.chunk_rows else ""),
@@ -148,7 +149,8 @@ def register(main: click.Group) -> None:
 
     @main.group()
     def ingest() -> None:
-        """Write a dataset (Zarr, chunked by rows) from MNIST, .npy, images or photographs.
+        """Write a dataset (Zarr, chunked by rows) from MNIST, .npy, activations, images or
+        photographs.
 
         DEST is a local path or an fsspec URL (file:///..., s3://...). Writing is atomic:
         a failed ingest leaves nothing at DEST.
@@ -212,6 +214,45 @@ def register(main: click.Group) -> None:
             dtype=dtype,
             scale=scale,
             sample_shape=sample_shape,
+            chunk_rows=chunk_rows,
+            overwrite=overwrite,
+            progress=progress,
+        )
+
+    @ingest.command("activations")
+    @click.argument("src", type=click.Path())
+    @click.argument("dest")
+    @click.option(
+        "--storage",
+        type=click.Choice(["float16", "bfloat16", "float32", "float64"]),
+        default=None,
+        help="Stored dtype, rounded to nearest (default: the shards' own float type). "
+        "float16/bfloat16 halve the bytes read per epoch; training still computes in "
+        "float32/float64.",
+    )
+    @click.option(
+        "--key",
+        default=None,
+        metavar="NAME",
+        help="Tensor to read from each .safetensors file (needed when one holds several).",
+    )
+    @_common
+    def ingest_activations_cmd(src, dest, storage, key, chunk_rows, overwrite, progress) -> None:
+        """Write one dataset from the activations in SRC: a folder of .npy or .safetensors
+        shards (in natural order: shard_2 before shard_10), or one such file.
+
+        Each shard holds a float tensor of shape (rows, d) or (..., d), e.g. (batch, seq,
+        d_model); leading dimensions are flattened into rows. Shards are streamed a block of
+        rows at a time, so the total may exceed memory.
+        """
+        from worker.activations import ingest_activations
+
+        _run(
+            ingest_activations,
+            src,
+            dest,
+            storage=storage,
+            key=key,
             chunk_rows=chunk_rows,
             overwrite=overwrite,
             progress=progress,

@@ -16,6 +16,13 @@ Group attributes::
     write_id      a random id of this write (identifies the version on remote stores, whose
                   metadata has no inode/mtime to tell a rewrite from the original)
 
+Stored dtypes: ``uint8`` (pixels, with a scale), ``float16``, ``bfloat16``, ``float32``,
+``float64``. Zarr has no bfloat16, so a bfloat16 dataset stores the raw 16 bits as ``uint16``
+with the array attribute ``storage: "bfloat16"`` (on ``X``, next to the bits it describes);
+:func:`read_chunk` views them as ``ml_dtypes.bfloat16``. Half-precision data are read back as
+float32 or float64 (every float16/bfloat16 value is exact in both), so an epoch reads half the
+bytes of float32 and the arithmetic is unchanged.
+
 Writing is atomic: a dataset is written into a hidden sibling (folder or URL) and moved into
 place only once complete (renamed locally; moved with fsspec on remote stores, after the
 old version was moved aside), so a failed rewrite leaves the old dataset intact; every
@@ -45,7 +52,22 @@ from zarr.core.sync import sync
 FORMAT_VERSION = 1
 ARRAY_NAME = "X"
 DEFAULT_CHUNK_BYTES = 16 * 2**20
-STORED_DTYPES = ("uint8", "float32", "float64")
+STORED_DTYPES = ("uint8", "float16", "bfloat16", "float32", "float64")
+#: Stored dtypes Zarr has no data type for: the dtype of their bits in the array.
+_BITS = {"bfloat16": "uint16"}
+
+
+@functools.cache
+def bfloat16() -> np.dtype:
+    """``ml_dtypes.bfloat16`` (imported on first use: the import takes most of a second)."""
+    import ml_dtypes
+
+    return np.dtype(ml_dtypes.bfloat16)
+
+
+def itemsize(dtype: str) -> int:
+    """Bytes per stored value of ``dtype`` (one of :data:`STORED_DTYPES`)."""
+    return 2 if dtype == "bfloat16" else np.dtype(dtype).itemsize
 
 
 class DatasetError(ValueError):
@@ -66,7 +88,8 @@ class DatasetInfo:
     shape : tuple of int
         (m, n).
     dtype : str
-        Stored dtype.
+        Stored dtype, one of :data:`STORED_DTYPES` (``"bfloat16"`` is stored as its bits,
+        ``uint16``; :func:`read_chunk` decodes it).
     chunk_rows : int
         Rows per chunk (the last chunk may be shorter).
     scale : float
@@ -93,7 +116,7 @@ class DatasetInfo:
     @property
     def nbytes(self) -> int:
         """Uncompressed size in bytes."""
-        return self.shape[0] * self.shape[1] * np.dtype(self.dtype).itemsize
+        return self.shape[0] * self.shape[1] * itemsize(self.dtype)
 
     def chunk_slice(self, i: int) -> slice:
         """Rows of chunk ``i``."""
@@ -108,7 +131,7 @@ class DatasetInfo:
 
 def default_chunk_rows(n_features: int, dtype: str, target_bytes: int = DEFAULT_CHUNK_BYTES) -> int:
     """Rows per chunk so that one decoded chunk is about ``target_bytes`` (16 MB)."""
-    return max(1, target_bytes // (n_features * np.dtype(dtype).itemsize))
+    return max(1, target_bytes // (n_features * itemsize(dtype)))
 
 
 def _is_local(path: str | os.PathLike) -> bool:
@@ -145,8 +168,10 @@ def write_dataset(
         The rows, in order; blocks are re-cut into chunks of ``chunk_rows`` as they stream, so
         the whole dataset is never in memory.
     n_rows, n_features : int
-    dtype : {"uint8", "float32", "float64"}
-        Stored dtype (values are cast to it).
+    dtype : {"uint8", "float16", "bfloat16", "float32", "float64"}
+        Stored dtype (values are cast to it, rounding to nearest for the 16-bit floats;
+        bfloat16 is stored as its ``uint16`` bits with the array attribute
+        ``storage: "bfloat16"``).
     chunk_rows : int, optional
         Rows per chunk (default: about 16 MB per chunk).
     scale : float
@@ -195,8 +220,9 @@ def write_dataset(
             ARRAY_NAME,
             shape=(n_rows, n_features),
             chunks=(chunk_rows, n_features),
-            dtype=dtype,
+            dtype=_BITS.get(dtype, dtype),
             config={"write_empty_chunks": True},
+            attributes={"storage": dtype} if dtype in _BITS else None,
         )
         group.attrs.update(
             {
@@ -225,7 +251,7 @@ def write_dataset(
                 take = min(chunk_rows, buf.shape[0])
                 if written + take > n_rows:
                     raise DatasetError(f"blocks: more than n_rows={n_rows} rows were given")
-                X[written : written + take] = buf[:take].astype(dtype, copy=False)
+                X[written : written + take] = _encode(buf[:take], dtype)
                 written += take
                 rest = buf[take:]
                 pending = [rest] if rest.shape[0] else []
@@ -242,6 +268,44 @@ def write_dataset(
     finally:
         _open_array.cache_clear()
     return open_dataset(path)
+
+
+def _encode(block: np.ndarray, dtype: str) -> np.ndarray:
+    """``block`` cast to the stored ``dtype``, as the array holds it (bfloat16: its bits).
+
+    Finite values beyond the range of a 16-bit float are refused (DatasetError naming
+    ``dtype``), not stored as inf.
+    """
+    with np.errstate(over="ignore"):  # overflow is refused just below
+        out = block.astype(bfloat16() if dtype == "bfloat16" else dtype, copy=False)
+    if dtype in ("float16", "bfloat16") and out is not block and not np.isfinite(out).all():
+        if np.isfinite(block).all():
+            big = float(np.abs(block.astype(np.float64)).max())
+            raise DatasetError(
+                f"dtype: values up to {big:.6g} in magnitude overflow {dtype}; "
+                "store them as float32"
+            )
+    return out.view(np.uint16) if dtype == "bfloat16" else out
+
+
+def _decode(raw: np.ndarray, X: zarr.Array) -> np.ndarray:
+    """The values of ``raw`` read from ``X``: bits of a dtype Zarr lacks viewed as that dtype."""
+    if X.attrs.get("storage") == "bfloat16":
+        return raw.view(bfloat16())
+    return raw
+
+
+def _stored_dtype(X: zarr.Array, spath: str) -> str:
+    """The stored dtype of ``X`` (``storage`` attribute, else the array's own dtype)."""
+    storage = X.attrs.get("storage")
+    if storage is None:
+        return str(X.dtype)
+    if storage not in _BITS or str(X.dtype) != _BITS[storage]:
+        raise DatasetError(
+            f"dataset: {spath}: storage attribute {storage!r} does not describe a "
+            f"{X.dtype} array (known: {dict(_BITS)})"
+        )
+    return str(storage)
 
 
 def check_scale(scale: float) -> float:
@@ -369,7 +433,7 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
     return DatasetInfo(
         path=spath,
         shape=(int(X.shape[0]), int(X.shape[1])),
-        dtype=str(X.dtype),
+        dtype=_stored_dtype(X, spath),
         chunk_rows=int(X.chunks[0]),
         scale=scale,
         sample_shape=tuple(ss) if ss else None,
@@ -441,7 +505,7 @@ def read_chunk(
     i : int
         Chunk index.
     dtype : {"float64", "float32"}
-        Returned dtype.
+        Returned dtype (float16 and bfloat16 data convert to it exactly).
     scale : float, optional
         Overrides the dataset's scale attribute (saves opening the group attributes).
 
@@ -479,7 +543,7 @@ def read_chunk(
         raise ChunkError(f"chunk {i} of {spath}: cannot be read ({why})") from exc
     if scale is None:
         scale = float(zarr.open_group(spath, mode="r").attrs.get("scale", 1.0))
-    out = raw.astype(dtype, copy=False)
+    out = _decode(raw, X).astype(dtype, copy=False)
     if scale != 1.0:
         return _finite_chunk(_scaled(out, scale, dtype), i, rows, spath)
     return _finite_chunk(out, i, rows, spath)
