@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import click
 
-from service import cli_client, cli_data, cli_demo, cli_models, cli_train
+from service import cli_client, cli_data, cli_demo, cli_formats, cli_models, cli_train
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
@@ -13,5 +13,5 @@ def main() -> None:
     """Train sparse and deep autoencoders on datasets larger than memory."""
 
 
-for _module in (cli_demo, cli_data, cli_train, cli_models, cli_client):
+for _module in (cli_demo, cli_data, cli_train, cli_models, cli_formats, cli_client):
     _module.register(main)
