@@ -4,9 +4,10 @@
   (notes, section 4): ``x_j = W1[j, :] / ||W1[j, :]||``.
 - :func:`tile_images` - rows as tiles of a near-square grid, each tile scaled to its own
   contrast (as UFLDL's ``display_network``), as a uint8 image.
-- :func:`save_filters_png`, :func:`save_images_png`, :func:`save_cost_png` - PNG files written
-  atomically (a temporary file in the same directory, then ``os.replace``), so a reader such
-  as a web server never sees half a file.
+- :func:`save_filters_png`, :func:`save_images_png`, :func:`save_cost_png`,
+  :func:`save_density_png` (the latents' firing frequencies) - PNG files written atomically
+  (a temporary file in the same directory, then ``os.replace``), so a reader such as a web
+  server never sees half a file.
 
 Plots use ``matplotlib.figure.Figure`` with the Agg canvas, never pyplot, so they are safe to
 draw from the threads of a server.
@@ -361,4 +362,74 @@ def _cost_figure(history: Sequence[dict], title: str | None = None):
         gax.set_ylabel("gradient norm")
         gax.grid(True, alpha=0.3)
     axes[-1].set_xlabel("iteration")
+    return fig
+
+
+# ---------------------------------------------------------------------------- feature density
+def save_density_png(
+    density: np.ndarray,
+    path: str | os.PathLike,
+    examples: int | None = None,
+    title: str | None = None,
+) -> Path:
+    """Plot the histogram of the latents' log10 firing frequencies as a PNG.
+
+    The bins are :func:`sae.metrics.density_histogram`'s (an eighth of a decade each, up to
+    10^0 = active on every example); the latents never active (density 0, whose log is
+    -inf) are a separate red bar at the left, labelled "dead" with their count.
+
+    Parameters
+    ----------
+    density : ndarray of shape (h,)
+        Fraction of the examples each latent is active on, in [0, 1].
+    path : str or PathLike
+        Destination; written atomically.
+    examples : int, optional
+        Examples the density was measured on (the rarest possible frequency is 1 / examples).
+    title : str, optional
+        Title above the plot (default: latents, dead latents and examples).
+
+    Returns
+    -------
+    path : Path
+    """
+    fig = _density_figure(density, examples, title)
+    return atomic_write(path, lambda f: fig.savefig(f, format="png"))
+
+
+def _density_figure(density: np.ndarray, examples: int | None = None, title: str | None = None):
+    """The matplotlib Figure (Agg canvas) drawn by :func:`save_density_png`."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
+    from sae.metrics import density_histogram
+
+    density = np.asarray(density, dtype=np.float64).ravel()
+    if density.size == 0 or not np.all(np.isfinite(density)):
+        raise ValueError("density: expected a finite frequency per latent")
+    hist = density_histogram(density, examples)
+    edges, counts, dead = np.asarray(hist["log10_edges"]), hist["counts"], hist["dead"]
+    fig = Figure(figsize=(7.0, 3.6), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
+    ax_dead, ax = fig.subplots(1, 2, sharey=True, gridspec_kw={"width_ratios": [1, 8]})
+    ax_dead.bar([0], [dead], width=0.6, color="#d62728")
+    ax_dead.set_xticks([0], ["dead"])
+    ax_dead.set_xlim(-0.6, 0.6)
+    ax_dead.annotate(
+        str(dead), (0, dead), ha="center", va="bottom", xytext=(0, 2), textcoords="offset points"
+    )
+    ax_dead.set_ylabel("latents")
+    ax.bar(edges[:-1], counts, width=np.diff(edges), align="edge", color="#1f77b4")
+    ax.set_xlim(edges[0], edges[-1])
+    ax.set_xlabel("log10 firing frequency (fraction of examples a latent is active on)")
+    for a in (ax_dead, ax):
+        a.grid(True, axis="y", alpha=0.3)
+    top = max([dead, *counts, 1])
+    ax.set_ylim(0, top * 1.12)
+    ax.yaxis.set_major_locator(MaxNLocator(integer=True))
+    if title is None:
+        seen = f", {examples} examples" if examples else ""
+        title = f"Feature density: {density.size} latents, {dead} dead{seen}"
+    fig.suptitle(title)
     return fig

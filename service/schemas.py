@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, ConfigDict, Field
 
 from worker.spec import MAX_ITER
 
@@ -69,6 +69,33 @@ class JobLinks(BaseModel):
     model: str
     encode: str
     page: str
+    metrics: str = Field(description="metrics.json (404 until the job's model is evaluated)")
+    density: str = Field(description="density.png, the latents' firing-frequency histogram")
+
+
+class JobMetrics(BaseModel):
+    """The final model's metrics on the held-out chunks (or all), from metrics.json
+    (:mod:`sae.metrics`); more fields may be present."""
+
+    model_config = ConfigDict(extra="allow")
+
+    examples: int | None = Field(None, description="Examples evaluated")
+    split: str | None = Field(None, description='"held-out" or "all" chunks')
+    mse: float | None = Field(None, description="Mean squared error per element")
+    fvu: float | None = Field(
+        None,
+        description="Fraction of variance unexplained: sum ||x - x_hat||^2 over the "
+        "data's sum of squares about its mean",
+    )
+    explained_variance: float | None = Field(None, description="1 - fvu")
+    l0: float | None = Field(None, description="Active latents per example")
+    latents: int | None = Field(None, description="Latents (hidden or code units)")
+    dead: int | None = Field(None, description="Latents never active on the evaluated data")
+    dead_fraction: float | None = None
+    cosine: float | None = Field(None, description="Mean cosine of x and x_hat")
+    shrinkage: float | None = Field(None, description="Mean ||x_hat|| / ||x||")
+    active: str | None = Field(None, description="When a latent counts as active")
+    threshold: float | None = Field(None, description="Activity threshold (sigmoid-kl units)")
 
 
 class JobCreated(BaseModel):
@@ -99,6 +126,9 @@ class JobOut(BaseModel):
     attempts: int = Field(description="Times the job was started (more than 1 after resumes)")
     error: str | None = None
     dashboard_url: str | None = None
+    metrics: JobMetrics | None = Field(
+        None, description="The final model's metrics, once evaluated (null before)"
+    )
     links: JobLinks
 
 

@@ -191,3 +191,50 @@ def test_pages_fit_the_window_and_say_what_they_count(tmp_path):
         index = chromium(f"{srv.url}/?token={TOKEN}", tmp_path / "p2", budget_ms=3000)
         updated = _text(index, "updated")
         assert re.search(r"updated \d{4}-\d\d-\d\d \d\d:\d\d:\d\dZ$", updated), updated
+
+
+def test_job_page_shows_the_metrics(tmp_path):
+    """A finished job's page shows its final model's metrics as a table and its
+    feature-density picture; before metrics.json is written it says it has none."""
+    from worker import layout
+    from worker.evaluate import evaluate_job
+
+    write_tiny(tmp_path / "data", "tiny")
+    with Server(tmp_path / "data", tmp_path / "state", token=TOKEN) as srv, srv.client() as http:
+        spec = {"dataset": "tiny", "hidden": 4, "max_iter": 3}
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        assert wait_job(http, job_id)["status"] == "succeeded"
+        root = srv.state_dir / "jobs" / job_id
+        for name in (layout.METRICS, layout.DENSITY):
+            (root / name).unlink(missing_ok=True)
+        url = f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}"
+        dom = chromium(url, tmp_path / "p1")
+        assert re.search(r'<table id="metrics"[^>]*hidden', dom), dom[-3000:]
+        assert re.search(r'<span id="metrics-none">', dom)  # shown: no hidden attribute
+        assert re.search(r'<figure id="density-figure"[^>]*hidden', dom)
+
+        metrics = evaluate_job(root)
+        dom = chromium(url, tmp_path / "p2")
+        table = re.search(r'<table id="metrics"([^>]*)>(.*?)</table>', dom, re.S)
+        assert table and "hidden" not in table.group(1), dom[-3000:]
+        rows = dict(
+            re.findall(r'<tr data-metric="([a-z_0-9]+)"><th>[^<]*</th><td>([^<]*)</td>', table[2])
+        )
+        assert list(rows) == [
+            "examples", "mse", "fvu", "explained_variance", "l0", "dead", "cosine", "shrinkage",
+            "active",
+        ]  # fmt: skip
+        assert rows["examples"] == "200 (all chunks)"
+        for k in ("mse", "fvu", "explained_variance", "cosine", "shrinkage"):
+            assert abs(float(rows[k]) / metrics[k] - 1) < 1e-3, (k, rows[k], metrics[k])
+        assert rows["l0"].endswith(" of 4")
+        assert abs(float(rows["l0"].split()[0]) - metrics["l0"]) < 1e-3
+        assert rows["dead"].startswith(f"{metrics['dead']} (")
+        assert rows["active"] == "a &gt; 0.1"
+        assert re.search(r'<span id="metrics-none" hidden', dom)
+        figure = re.search(r'<figure id="density-figure"([^>]*)>', dom)
+        assert "hidden" not in figure.group(1)
+        img = re.search(r'<img[^>]*id="density"[^>]*>', dom).group(0)
+        width = re.search(r'data-natural-width="(\d+)"', img)
+        assert width and int(width.group(1)) > 0, img
+        assert re.search(rf'id="metrics-link" href="/jobs/{job_id}/metrics.json\?token=', dom)

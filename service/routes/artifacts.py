@@ -1,5 +1,5 @@
 """A job's artifacts: ``/jobs/{job_id}/history``, ``filters.png``, ``cost.png``,
-``model.npz`` and ``encode``.
+``model.npz``, ``metrics.json``, ``density.png`` and ``encode``.
 
 Two routers: :data:`router` (``encode``, JSON API: the token in the Authorization header) and
 :data:`downloads` (what the web page links to, in ``img src`` and download links: these also
@@ -97,6 +97,31 @@ def cost_png(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
     """The cost curve."""
     job_or_404(store, job_id)
     path = _written(layout.artifact(runner.job_dir(job_id), layout.COST), layout.COST)
+    return Response(path.read_bytes(), media_type="image/png", headers=_NO_STORE)
+
+
+@downloads.get(
+    "/jobs/{job_id}/metrics.json",
+    responses={
+        200: {"content": {"application/json": {}}, "description": "The metrics"},
+        **R404,
+    },
+)
+def metrics_json(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
+    """The final model's metrics (reconstruction error, explained variance, L0, dead
+    latents, ...) on the held-out chunks or all of them, written when the job's model is
+    evaluated."""
+    job_or_404(store, job_id)
+    path = _written(layout.artifact(runner.job_dir(job_id), layout.METRICS), layout.METRICS)
+    return Response(path.read_bytes(), media_type="application/json", headers=_NO_STORE)
+
+
+@downloads.get("/jobs/{job_id}/density.png", response_class=Response, responses=_PNG)
+def density_png(job_id: JobId, store: StoreDep, runner: RunnerDep) -> Response:
+    """The histogram of the final model's latents' log10 firing frequencies (dead latents
+    in a bar of their own)."""
+    job_or_404(store, job_id)
+    path = _written(layout.artifact(runner.job_dir(job_id), layout.DENSITY), layout.DENSITY)
     return Response(path.read_bytes(), media_type="image/png", headers=_NO_STORE)
 
 

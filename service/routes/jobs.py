@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Annotated
 
 from fastapi import APIRouter, Depends, Header, HTTPException, Query, Response
+from pydantic import ValidationError
 
 from service import jobs
 from service.deps import (
@@ -23,8 +24,17 @@ from service.deps import (
     require_token,
 )
 from service.runner import Runner
-from service.schemas import JobCreated, JobLinks, JobOut, JobPage, JobStatus, ResumeRequest
+from service.schemas import (
+    JobCreated,
+    JobLinks,
+    JobMetrics,
+    JobOut,
+    JobPage,
+    JobStatus,
+    ResumeRequest,
+)
 from service.store import Job
+from worker.evaluate import read_metrics
 from worker.spec import TrainSpec
 
 router = APIRouter(tags=["jobs"], dependencies=[Depends(require_token)], responses=API_RESPONSES)
@@ -42,7 +52,20 @@ def links(job_id: str) -> JobLinks:
         model=f"{base}/model.npz",
         encode=f"{base}/encode",
         page=f"/ui/jobs/{job_id}",
+        metrics=f"{base}/metrics.json",
+        density=f"{base}/density.png",
     )
+
+
+def job_metrics(job_id: str, runner: Runner) -> JobMetrics | None:
+    """The job's metrics.json, or None before it is written (or if it is not metrics)."""
+    data = read_metrics(runner.job_dir(job_id))
+    if data is None:
+        return None
+    try:
+        return JobMetrics.model_validate(data)
+    except ValidationError:
+        return None
 
 
 def job_out(job: Job, runner: Runner) -> JobOut:
@@ -65,6 +88,7 @@ def job_out(job: Job, runner: Runner) -> JobOut:
         attempts=job.attempts,
         error=job.error,
         dashboard_url=runner.dashboard_url,
+        metrics=job_metrics(job.id, runner),
         links=links(job.id),
     )
 

@@ -1,5 +1,6 @@
 "use strict";
-// One job: polls GET /jobs/{id} and its history, refreshes the filter picture.
+// One job: polls GET /jobs/{id} and its history, refreshes the filter picture, shows the
+// final model's metrics and feature-density picture once they are written.
 (() => {
   const { api, asset, fmt, duration, when, el, progressBar } = SAE;
   const id = location.pathname.split("/").filter(Boolean).pop();
@@ -9,6 +10,8 @@
   $("history").href = asset("/jobs/" + id + "/history");
   $("filters-link").href = asset("/jobs/" + id + "/filters.png");
   $("cost-link").href = asset("/jobs/" + id + "/cost.png");
+  $("metrics-link").href = asset("/jobs/" + id + "/metrics.json");
+  $("density-link").href = asset("/jobs/" + id + "/density.png");
   let lastIteration = null, done = false;
 
   const img = $("filters");
@@ -25,6 +28,38 @@
     img.classList.toggle("zoomed");
     img.dataset.shownWidth = String(Math.round(img.getBoundingClientRect().width));
   });
+
+  // ---- the final model's metrics (metrics.json, in the job status) and density.png
+  const pct = (x) => (typeof x === "number" ? (100 * x).toFixed(1) + "%" : "–");
+  const METRICS = [
+    ["examples", "examples", (m) => m.examples + (m.split ? " (" + m.split + " chunks)" : "")],
+    ["mse", "MSE per element", (m) => fmt(m.mse, 4)],
+    ["fvu", "fraction of variance unexplained", (m) => fmt(m.fvu, 4)],
+    ["explained_variance", "explained variance", (m) => fmt(m.explained_variance, 4)],
+    ["l0", "L0 (active latents per example)", (m) => fmt(m.l0, 4) + (m.latents ? " of " + m.latents : "")],
+    ["dead", "dead latents", (m) => m.dead + " (" + pct(m.dead_fraction) + ")"],
+    ["cosine", "cosine(x, x̂)", (m) => fmt(m.cosine, 4)],
+    ["shrinkage", "shrinkage ‖x̂‖ / ‖x‖", (m) => fmt(m.shrinkage, 4)],
+    ["active", "active when", (m) => m.active],
+  ];
+  const density = $("density");
+  density.addEventListener("load", () => {
+    density.dataset.naturalWidth = String(density.naturalWidth);
+    $("density-figure").hidden = false;
+  });
+  density.addEventListener("error", () => { $("density-figure").hidden = true; });
+  let metricsShown = null;
+  function showMetrics(m) {
+    const key = m ? JSON.stringify(m) : null;
+    if (key === metricsShown) return;
+    metricsShown = key;
+    $("metrics").hidden = !m;
+    $("metrics-none").hidden = Boolean(m);
+    if (!m) { $("density-figure").hidden = true; return; }
+    $("metrics").tBodies[0].replaceChildren(...METRICS.filter(([k]) => k in m).map(([k, label, show]) =>
+      el("tr", { "data-metric": k }, el("th", {}, label), el("td", {}, m[k] === null ? "–" : show(m)))));
+    density.src = asset("/jobs/" + id + "/density.png", Date.now());
+  }
 
   // ---- plots (BokehJS, served by the service from the installed bokeh package)
   const COLOURS = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b"];
@@ -178,6 +213,7 @@
       $("spec").tBodies[0].replaceChildren(...Object.entries(j.spec).map(([k, v]) =>
         el("tr", { "data-field": k }, el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v)))));
       $("job-error").textContent = j.error || "–";
+      showMetrics(j.metrics || null);
       if (j.dashboard_url) { $("dashboard").href = j.dashboard_url; $("dashboard").textContent = j.dashboard_url; }
       $("cancel").disabled = !["queued", "running"].includes(j.status);
       if (j.iteration !== lastIteration || j.status !== "running") {
