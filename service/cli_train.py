@@ -170,6 +170,12 @@ def _network_options(f):
                 help="relu-l1, topk: W_enc = W_dec^T at the start [tied]",
             ),
             click.option(
+                "--init-model",
+                type=click.Path(dir_okay=False),
+                default=None,
+                help="Start from this model.npz (one hidden layer; e.g. from `sae import`)",
+            ),
+            click.option(
                 "--b-dec-init",
                 type=click.Choice(["mean", "zeros"]),
                 default=None,
@@ -212,6 +218,11 @@ def _stochastic_options(f):
                 help="rho_hat of each batch [batch] or a running average",
             ),
             click.option("--ema-decay", type=float, default=None, help="[0.99]"),
+            click.option(
+                "--validation-dataset",
+                default=None,
+                help="Held-out costs on this dataset (same width) instead of held-out chunks",
+            ),
             click.option(
                 "--log-every", type=int, default=None, help="Steps per history entry [10]"
             ),

@@ -326,6 +326,10 @@ class Runner:
         try:
             spec = TrainSpec(**job.spec)
             path, info = datasets.get_dataset(self.settings.data_root, spec.dataset)
+            validation = None
+            if spec.validation_dataset is not None:
+                root = self.settings.data_root
+                validation, _ = datasets.get_dataset(root, spec.validation_dataset)
             active.rows = int(info.shape[0])
             active.steps_rows = schedule.training_rows(spec, info) if spec.is_stochastic else None
             out_dir.mkdir(parents=True, exist_ok=True)
@@ -339,6 +343,7 @@ class Runner:
                 out_dir,
                 client=self.client,
                 dataset_path=str(path),
+                **({"validation_path": str(validation)} if validation is not None else {}),
                 on_iteration=lambda entry: self._on_iteration(active, spec, entry),
                 should_stop=should_stop,
                 resume=resume,

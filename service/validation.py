@@ -48,6 +48,8 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
     problems : list of (field, message)
         Empty when the job can run; the first entry is what to report.
     """
+    if spec.init_model is not None:  # a path on the server's disk: not the client's to name
+        return [("init_model", "init_model: not accepted over REST (a CLI and library option)")]
     try:
         path, info = datasets.get_dataset(data_root, spec.dataset)
     except (datasets.BadName, datasets.NotFound) as exc:  # "name: ..." / "dataset: ..."
@@ -60,6 +62,15 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
         sizes = schedule.layer_sizes(spec, n)
         msg = f"hidden: {sizes} needs {total} parameters, more than the limit {MAX_PARAMS}"
         return [("hidden", msg)]
+    if spec.validation_dataset is not None:
+        try:
+            _, vinfo = datasets.get_dataset(data_root, spec.validation_dataset)
+            schedule.check_validation(info, vinfo)
+        except (datasets.BadName, datasets.NotFound) as exc:
+            msg = clean_message(("validation_dataset", "dataset", "name"), str(exc))
+            return [("validation_dataset", msg)]
+        except ValueError as exc:
+            return [("validation_dataset", str(exc))]
     try:
         schedule.check_spec(spec, info)
         if schedule.output_bounded(spec):

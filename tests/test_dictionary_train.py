@@ -17,7 +17,7 @@ from sae.optimize.stochastic import StochasticState
 from service.cli import main as sae
 from worker.dataset import open_dataset, write_dataset
 from worker.layout import load_model
-from worker.schedule import Schedule
+from worker.schedule import Schedule, check_spec
 from worker.spec import TrainSpec
 from worker.stage_id import StageId
 from worker.train import train
@@ -61,6 +61,12 @@ def test_full_batch_jobs_give_the_same_bits_in_the_driver_and_next_to_the_data(
     J, _ = obj.cost(net, theta, X)  # the model's cost on the whole data, in memory
     assert J == pytest.approx(b.final_cost, rel=1e-10)
     assert b.final_cost < json.loads((tmp_path / "dist" / "history.json").read_text())[0]["cost"]
+    # every job measures its model at the end (here on all rows: no validation split)
+    m = json.loads((tmp_path / "dist" / "metrics.json").read_text())
+    assert m["split"] == "all" and m["examples"] == len(X) and b.metrics["l0"] == m["l0"]
+    assert 0 < m["explained_variance"] < 1 and (tmp_path / "dist" / "density.png").exists()
+    if kind["kind"] == "topk":
+        assert m["l0"] <= 3
 
 
 def test_b_dec_starts_at_the_training_chunks_mean_with_a_tied_encoder(data):
@@ -131,10 +137,20 @@ def test_stochastic_topk_resumes_bitwise_with_its_dead_latent_counters(two_worke
 def test_stochastic_steps_keep_decoder_columns_at_unit_norm(two_workers, data, tmp_path):
     path, _ = data
     spec = _adam(
-        path, kind="relu-l1", l1=0.05, k=None, k_aux=None, aux_coeff=None, dead_after=None, epochs=1
+        path,
+        kind="relu-l1",
+        l1=0.05,
+        k=None,
+        k_aux=None,
+        aux_coeff=None,
+        dead_after=None,
+        epochs=1,
+        validation_fraction=0.25,
     )
     res = train(spec, tmp_path / "unit", client=two_workers)
     assert res.status == "succeeded"
+    held = Schedule(spec, open_dataset(path), tmp_path).held_out()
+    assert res.metrics["split"] == "held-out" and res.metrics["examples"] == 100 * len(held)
     net, theta, _ = load_model(tmp_path / "unit" / "model.npz")
     with np.load(tmp_path / "unit" / "model.npz") as npz:
         W2 = npz["W2"]
@@ -170,3 +186,40 @@ def test_cli_trains_a_topk_model_and_names_bad_fields(data, tmp_path):
         assert res.exit_code != 0 and f"invalid training spec: {field}: " in res.output, res.output
     res = CliRunner().invoke(sae, ["train", path, "--kind", "topk", "--out", str(tmp_path / "b")])
     assert "k: kind 'topk' needs k" in res.output
+
+
+def test_a_job_can_start_from_a_saved_model_and_refuses_another_kind(data, tmp_path):
+    path, X = data
+    info = open_dataset(path)
+    first = _spec(path, kind="topk", k=3)
+    net = Schedule(first, info, tmp_path).network()
+    theta = net.init_theta(11, mean=X.mean(axis=0))
+    from worker.layout import save_model
+
+    save_model(tmp_path / "start.npz", net, theta)
+    spec = _spec(path, kind="topk", k=3, init_model=str(tmp_path / "start.npz"))
+    stage = Schedule(spec, info, tmp_path).stage(StageId.single(), [])
+    assert np.array_equal(stage.theta0, theta)
+    for other, words in [
+        (dict(kind="topk", k=3, hidden=12), "sizes"),
+        (dict(kind="relu-l1"), "topk model"),
+        (dict(kind="topk", k=3, init_model=str(tmp_path / "none.npz")), "no model file"),
+    ]:
+        bad = _spec(path, **{"init_model": str(tmp_path / "start.npz"), **other})
+        with pytest.raises(ValueError, match=f"^init_model: .*{words}"):
+            check_spec(bad, info)
+    with pytest.raises(ValueError, match="init_model"):
+        _spec(path, hidden=[8, 4], init_model="x.npz")
+
+
+def test_train_result_is_json_and_a_resumed_job_measures_its_new_model(two_workers, data, tmp_path):
+    path, _ = data
+    spec = _spec(path, kind="relu-l1", l1=0.05, max_iter=4)
+    res = train(spec, tmp_path / "j", client=two_workers)
+    json.dumps(res.to_dict())
+    before = json.loads((tmp_path / "j" / "metrics.json").read_text())
+    longer = spec.model_copy(update={"max_iter": 12})
+    again = train(longer, tmp_path / "j", client=two_workers, resume=True)
+    after = json.loads((tmp_path / "j" / "metrics.json").read_text())
+    assert again.iterations > res.iterations and after["mse"] != before["mse"]
+    assert again.metrics["mse"] == after["mse"]

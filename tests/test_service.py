@@ -219,7 +219,7 @@ def test_idempotent_retry(server, http):
         ({"hidden": 10**9}, "hidden"),
         ({"hidden": [50000, 50000]}, "hidden"),
         ({"optimizer": "newton"}, "optimizer"),
-        ({"activation": "relu"}, "activation"),
+        ({"activation": "swish"}, "activation"),
         ({"max_iter": -1}, "max_iter"),
         ({"max_iter": 10**12}, "max_iter"),
         ({"dtype": "int8"}, "dtype"),
@@ -453,8 +453,23 @@ def test_topk_job_over_rest_and_its_bad_fields(http):
         ({"rho": 0.1}, "rho"),
         ({"kind": "relu-l1", "k": None, "l1": -1}, "l1"),
         ({"kind": "sigmoid-kl", "k": None, "k_aux": 3}, "k_aux"),
+        ({"init_model": "/etc/passwd"}, "init_model"),
     ]:
         r = http.post("/jobs", json={**spec, **bad})
         assert r.status_code == 422, r.text
         assert r.json()["detail"][0]["loc"] == ["body", field], r.text
         assert not r.json()["detail"][0]["msg"].startswith(field)
+
+
+def test_a_validation_dataset_is_named_like_the_dataset(http):
+    spec = {**SMALL, "optimizer": "adam", "batch_size": 50, "epochs": 1, "validate_every": 2}
+    r = http.post("/jobs", json={**spec, "validation_dataset": "nope"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "validation_dataset"]
+    r = http.post("/jobs", json={**spec, "validation_dataset": "/etc"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"] == ["body", "validation_dataset"]
+    job_id = http.post("/jobs", json={**spec, "validation_dataset": "nested/tiny2"}).json()["id"]
+    job = wait_job(http, job_id, lambda j: j["status"] in TERMINAL)
+    assert job["status"] == "succeeded", job
+    history = http.get(f"/jobs/{job_id}/history").json()
+    assert any("val_cost" in e for e in history)
+    assert job["metrics"]["split"] == "validation dataset"

@@ -384,6 +384,40 @@ def test_held_out_chunks_are_never_trained_on_and_give_val_cost(two_workers, dat
     assert obj.cost(net, theta_best, X[rows])[0] == pytest.approx(best["val_cost"], rel=1e-12)
 
 
+def test_a_separate_validation_dataset_gives_val_cost_and_the_final_metrics(
+    two_workers, data, tmp_path
+):
+    path, X = data
+    Xv = np.random.default_rng(9).random((250, 16)) ** 2 * 0.9 + 0.05
+    vpath = tmp_path / "val"
+    write_dataset(vpath, Xv, *Xv.shape, dtype="float64", chunk_rows=100)
+    spec = _spec(path, validation_dataset=str(vpath), validate_every=5, epochs=1, early_stopping=50)
+    res = train(spec, tmp_path / "v", client=two_workers)
+    assert res.status == "succeeded" and res.iterations == -(-1000 // 64)  # trains on all rows
+    hist = json.loads((tmp_path / "v" / "history.json").read_text())
+    checked = [e for e in hist if "val_cost" in e]
+    assert len(checked) >= 3
+    net, _, _ = load_model(tmp_path / "v" / "model.npz")
+    best = min(checked, key=lambda e: e["val_cost"])
+    theta_best = load_model(tmp_path / "v" / "best.npz")[1]
+    assert obj.cost(net, theta_best, Xv)[0] == pytest.approx(best["val_cost"], rel=1e-12)
+    assert res.metrics["split"] == "validation dataset" and res.metrics["examples"] == 250
+    narrow = tmp_path / "narrow"
+    write_dataset(narrow, Xv[:, :8], 250, 8, dtype="float64")
+    with pytest.raises(ValueError, match="^validation_dataset: .* 8 features"):
+        train(_spec(path, validation_dataset=str(narrow)), tmp_path / "n", client=two_workers)
+    with pytest.raises(ValueError, match="^validation_dataset: "):
+        train(
+            _spec(path, validation_dataset=str(tmp_path / "no")), tmp_path / "m", client=two_workers
+        )
+    with pytest.raises(ValueError, match="^validation_dataset: only for"):
+        check_spec(
+            _spec(path, optimizer="lbfgs", validation_dataset=str(vpath)), open_dataset(path)
+        )
+    with pytest.raises(ValidationError, match="not both"):
+        _spec(path, validation_dataset=str(vpath), validation_fraction=0.2)
+
+
 def _overshooting(path: str) -> TrainSpec:
     """SGD with a learning rate far too large: the held-out cost soon stops improving."""
     return _spec(

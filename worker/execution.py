@@ -64,16 +64,18 @@ class InDriver:
         f = self._objective(DistributedObjective, stage, hooks, self.engine_options)
         return run_stage(stage, f, hooks, resume=resume, refresh_seconds=self.refresh_seconds)
 
-    def _objective(self, cls, stage: Stage, hooks: Hooks, options: dict):
+    def _objective(
+        self, cls, stage: Stage, hooks: Hooks, options: dict, path: str | None = None, tag=""
+    ):
         return cls(
             self.client,
-            self.dataset_path,
+            path or self.dataset_path,
             stage.network,
             passes=stage.passes,
             dtype=stage.dtype,
             encoder=stage.encoder,
             target=stage.target,
-            job=self.job,
+            job=self.job + tag,
             should_stop=hooks.should_stop,
             **options,
         )
@@ -86,9 +88,14 @@ class InDriver:
         validate = None
         if stage.validation is not None:
             held_out = stage.validation
+            f_val = f
+            if stage.validation_path is not None:  # another dataset: its own objective
+                f_val = self._objective(
+                    BatchObjective, stage, hooks, options, stage.validation_path, "-validation"
+                )
 
             def validate(theta: np.ndarray) -> float:
-                return f(theta, held_out)[0]
+                return f_val(theta, held_out)[0]
 
         return run_stochastic_stage(
             stage,

@@ -23,7 +23,7 @@ from sae.network import Network
 from worker import layout
 from worker.cluster import dashboard_link
 from worker.execution import STRATEGIES
-from worker.schedule import ExecutionChoice, Schedule, check_job
+from worker.schedule import ExecutionChoice, Schedule, check_job, open_validation
 from worker.spec import TrainSpec
 from worker.stage import Hooks, Stage, StageResult, save_cost, save_filters
 
@@ -49,6 +49,9 @@ class TrainResult:
     dashboard : str or None
     message : str
         The last stage's stopping reason (after its label for a deep job).
+    metrics : dict or None
+        The final model's metrics (:func:`worker.evaluate.evaluate_job`, also in
+        ``metrics.json``) of a job that succeeded; None otherwise.
     """
 
     status: str
@@ -66,6 +69,7 @@ class TrainResult:
     execution: str
     dashboard: str | None = None
     message: str = ""
+    metrics: dict | None = None
 
     def to_dict(self) -> dict[str, Any]:
         """JSON-able form (paths as strings)."""
@@ -196,6 +200,7 @@ def run_job(
     *,
     client,
     dataset_path: str | None = None,
+    validation_path: str | None = None,
     hooks: Hooks | None = None,
     resume: bool = False,
     execution: ExecutionChoice = "auto",
@@ -206,13 +211,16 @@ def run_job(
     """Run the schedule of ``spec`` on ``client``'s cluster (see :func:`worker.train.train`)."""
     root = Path(out_dir)
     path = str(dataset_path or spec.dataset)
-    info = check_job(spec, path, execution)
+    info = check_job(spec, path, execution, validation_path)
     hooks = hooks or Hooks()
-    schedule = Schedule(spec, info, root, execution)
+    validation = open_validation(spec, validation_path)
+    schedule = Schedule(spec, info, root, execution, validation)
     root.mkdir(parents=True, exist_ok=True)
     if not resume:
         layout.reset(root)
     layout.clear_cancel(root)
+    for name in (layout.METRICS, layout.DENSITY):  # of a model this run changes
+        (root / name).unlink(missing_ok=True)
     dashboard = dashboard_link(client)
     executions = write_job_file(root, schedule, dashboard, resume)
     name = job or root.resolve().name or "sae"
@@ -245,6 +253,12 @@ def run_job(
     layout.clear_cancel(root)
     last = layout.stage_dir(root, schedule.ids[-1])
     label = summary.get("stage")
+    message = f"{label}: {summary.get('message', '')}" if label else result.message
+    metrics = None
+    if result.status == "succeeded":
+        metrics, problem = _metrics(root, client)
+        if problem:
+            message = f"{message}; {problem}"
     return TrainResult(
         status=result.status,
         out_dir=root,
@@ -260,8 +274,23 @@ def run_job(
         seconds=totals.seconds,
         execution="+".join(dict.fromkeys(executions)),
         dashboard=dashboard,
-        message=f"{label}: {summary.get('message', '')}" if label else result.message,
+        message=message,
+        metrics=metrics,
     )
+
+
+def _metrics(root: Path, client) -> tuple[dict | None, str]:
+    """The finished job's metrics (written as metrics.json and density.png), on its cluster;
+    a failure to measure does not fail the trained job: it is said in the message."""
+    from worker.evaluate import evaluate_job
+
+    try:
+        metrics = evaluate_job(root, client)
+    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
+        return None, f"metrics: not measured ({exc})"
+    if metrics is None:
+        return None, ""
+    return {k: v for k, v in metrics.items() if k != "density"}, ""  # JSON-able, as the file
 
 
 def _run(stage, client, path, name, hooks, history, resume, refresh_seconds, engine_options):

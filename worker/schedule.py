@@ -87,6 +87,30 @@ def _dictionary(spec: TrainSpec, n_features: int, rows: int | None) -> Dictionar
     return Dictionary.of(spec.kind, n_features, spec.hidden_sizes[0], **options)
 
 
+def initial_model(spec: TrainSpec, net: Network) -> np.ndarray:
+    """The theta of ``spec.init_model`` (a model.npz), checked to be a model of ``net``'s kind
+    and sizes.
+
+    Raises
+    ------
+    ValueError
+        Naming ``init_model`` when the file is missing, unreadable or another model.
+    """
+    path = Path(spec.init_model)
+    try:
+        model, theta, _ = layout.load_model(path)
+    except FileNotFoundError:
+        raise ValueError(f"init_model: no model file {str(path)!r}") from None
+    except (OSError, ValueError, KeyError) as exc:
+        raise ValueError(f"init_model: {str(path)!r} is not a model.npz ({exc})") from None
+    if model.kind != net.kind or model.sizes != net.sizes:
+        raise ValueError(
+            f"init_model: {str(path)!r} is a {model.kind} model of sizes {list(model.sizes)}; "
+            f"this job trains a {net.kind} model of sizes {list(net.sizes)}"
+        )
+    return np.asarray(theta, dtype=np.float64)
+
+
 def data_mean(info: DatasetInfo, chunk_ids=None) -> np.ndarray:
     """The mean row of a dataset's chunks (all, or ``chunk_ids``), streamed chunk by chunk in
     float64, in chunk order (the same bits on every run).
@@ -259,18 +283,56 @@ def check_spec(spec: TrainSpec, info: DatasetInfo) -> None:
         deep_architecture(spec, n)
     if spec.validation_fraction is not None and not spec.is_stochastic:
         raise ValueError("validation_fraction: only for the stochastic optimizers adam and sgd")
+    if spec.validation_dataset is not None and not spec.is_stochastic:
+        raise ValueError("validation_dataset: only for the stochastic optimizers adam and sgd")
     if spec.is_stochastic:
         rows = training_rows(spec, info)
         if spec.batch_size > rows:
             where = f"the dataset ({m} rows)" if rows == m else f"the training chunks ({rows} rows)"
             raise ValueError(f"batch_size: {spec.batch_size} is larger than {where}")
     if not spec.is_deep:  # units that can carry rho, ... (deep layers without a range drop it)
-        build_network(spec, n)
+        net = build_network(spec, n)
+        if spec.init_model is not None:
+            initial_model(spec, net)
     check_output_range(spec, value_range(info))
 
 
+def check_validation(info: DatasetInfo, validation: DatasetInfo) -> None:
+    """Raise ValueError naming ``validation_dataset`` unless it can measure models of the
+    dataset ``info`` (the same width, some rows)."""
+    if validation.shape[1] != info.shape[1]:
+        raise ValueError(
+            f"validation_dataset: {validation.path} has {validation.shape[1]} features, the "
+            f"dataset {info.shape[1]}"
+        )
+    if validation.shape[0] < 1:
+        raise ValueError(f"validation_dataset: {validation.path} holds no examples")
+
+
+def open_validation(spec: TrainSpec, path: str | None = None) -> DatasetInfo | None:
+    """The separate validation dataset of a spec (at ``path``, or ``spec.validation_dataset``
+    taken as a path), or None.
+
+    Raises
+    ------
+    ValueError
+        Naming ``validation_dataset`` when it is missing or not a dataset.
+    """
+    if spec.validation_dataset is None:
+        return None
+    from worker.dataset import DatasetError
+
+    try:
+        return open_dataset(str(path or spec.validation_dataset))
+    except DatasetError as exc:
+        raise ValueError(f"validation_dataset: {exc}") from None
+
+
 def check_job(
-    spec: TrainSpec, dataset_path: str | None = None, execution: ExecutionChoice = "auto"
+    spec: TrainSpec,
+    dataset_path: str | None = None,
+    execution: ExecutionChoice = "auto",
+    validation_path: str | None = None,
 ) -> DatasetInfo:
     """Everything that can be checked before a cluster starts: the dataset opens, the spec
     fits it (one-layer and deep), and its stages can run where ``execution`` says.
@@ -284,7 +346,10 @@ def check_job(
     """
     info = open_dataset(str(dataset_path or spec.dataset))
     check_spec(spec, info)
-    Schedule(spec, info, Path("."), execution).executions()
+    validation = open_validation(spec, validation_path)
+    if validation is not None:
+        check_validation(info, validation)
+    Schedule(spec, info, Path("."), execution, validation).executions()
     return info
 
 
@@ -330,6 +395,7 @@ class Schedule:
     info: DatasetInfo
     root: Path
     execution: ExecutionChoice = "auto"
+    validation_info: DatasetInfo | None = None
 
     def __post_init__(self) -> None:
         choose_execution(0, self.execution)  # an unknown execution fails before any work
@@ -340,6 +406,10 @@ class Schedule:
             "dataset": self.info.to_dict(),
             "sample_shape": list(self.info.sample_shape) if self.info.sample_shape else None,
         }
+        if self.spec.validation_dataset is not None and self.validation_info is None:
+            self.validation_info = open_validation(self.spec)
+        if self.validation_info is not None:
+            self.metadata["validation_dataset"] = self.validation_info.to_dict()
         if self.arch is None:
             self.ids = [StageId.single()]
         else:
@@ -423,7 +493,13 @@ class Schedule:
         return held_out_chunks(self.info.n_chunks, self.spec.validation_fraction, self.spec.seed)
 
     def _validation(self):
-        """The validation set as batch parts (None without one)."""
+        """The validation set as batch parts (None without one): the held-out chunks, or all
+        the chunks of the separate validation dataset."""
+        v = self.validation_info
+        if v is not None:
+            from worker.batches import whole_chunks
+
+            return whole_chunks(range(v.n_chunks), v.shape[0], v.chunk_rows)
         ids = self.held_out()
         if not ids:
             return None
@@ -435,6 +511,8 @@ class Schedule:
         """The starting point of a one-layer stage: a dictionary's starts at the training
         data's mean (``b_dec_init`` "mean", streamed), with a tied encoder unless not asked."""
         spec = self.spec
+        if spec.init_model is not None:
+            return initial_model(spec, net)
         if not spec.is_dictionary:
             return net.init_theta(spec.seed)
         mean = None
@@ -472,6 +550,7 @@ class Schedule:
                 if spec.sparsity_estimate == "ema" or net.sparse_layers and spec.is_dictionary
                 else None,
                 validation=self._validation(),
+                validation_path=None if self.validation_info is None else self.validation_info.path,
                 validate_every=spec.validate_every,
                 early_stopping=spec.early_stopping,
             )

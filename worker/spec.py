@@ -122,6 +122,12 @@ class TrainSpec(BaseModel):
     validate_every: int = Field(
         100, ge=1, le=10**9, description="Steps between held-out costs (and every epoch's end)"
     )
+    validation_dataset: str | None = Field(
+        None,
+        min_length=1,
+        description="A separate dataset of the same width to measure the held-out cost on "
+        "(adam, sgd): a path (CLI) or a dataset name (REST)",
+    )
     early_stopping: int | None = Field(
         None,
         ge=1,
@@ -185,6 +191,13 @@ class TrainSpec(BaseModel):
         None, description="relu-l1, topk: start b_dec at the data's mean (default) or zeros"
     )
 
+    init_model: str | None = Field(
+        None,
+        min_length=1,
+        description="One-layer jobs, CLI and library: start from this model.npz (e.g. one "
+        "imported from SAELens with `sae import`) instead of a random initialisation",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _kind_fields(cls, data):
@@ -230,6 +243,8 @@ class TrainSpec(BaseModel):
 
     @model_validator(mode="after")
     def _check_kind(self) -> TrainSpec:
+        if self.init_model is not None and self.is_deep:
+            raise ValueError("init_model: only for one-layer jobs (one hidden size)")
         if self.kind == "sigmoid-kl":
             return self
         if self.is_deep:
@@ -257,9 +272,20 @@ class TrainSpec(BaseModel):
     def _check_stochastic(self) -> TrainSpec:
         if self.sparsity_estimate == "ema" and self.passes == "fused":
             raise ValueError("sparsity_estimate: a running average needs passes 'two'")
-        if self.early_stopping is not None and self.validation_fraction is None:
-            raise ValueError("early_stopping: give a validation_fraction to stop on")
+        if self.validation_fraction is not None and self.validation_dataset is not None:
+            raise ValueError(
+                "validation_dataset: give a validation_fraction or a validation_dataset, not both"
+            )
+        if self.early_stopping is not None and not self.has_validation:
+            raise ValueError(
+                "early_stopping: give a validation_fraction or a validation_dataset to stop on"
+            )
         return self
+
+    @property
+    def has_validation(self) -> bool:
+        """True when held-out costs are measured (held-out chunks or another dataset)."""
+        return self.validation_fraction is not None or self.validation_dataset is not None
 
     @property
     def is_dictionary(self) -> bool:

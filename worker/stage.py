@@ -72,6 +72,9 @@ class Stage:
         with this decay; None: those of each batch.
     validation : list of (int, ndarray) or None
         The held-out rows (whole chunks) of a stochastic stage, as batch parts; None: none.
+    validation_path : str or None
+        The dataset those chunks are of, when not the stage's own (a separate validation
+        dataset).
     validate_every : int
         Steps between held-out costs (also at the end of every epoch).
     early_stopping : int or None
@@ -98,6 +101,7 @@ class Stage:
     checkpoint_every: int = 1
     rho_decay: float | None = None
     validation: list | None = None
+    validation_path: str | None = None
     validate_every: int = 100
     early_stopping: int | None = None
 

@@ -21,6 +21,7 @@ def train(
     *,
     client=None,
     dataset_path: str | None = None,
+    validation_path: str | None = None,
     on_iteration: Callable[[dict], None] | None = None,
     should_stop: Callable[[], bool] | None = None,
     resume: bool = False,
@@ -42,6 +43,8 @@ def train(
         passed to :func:`worker.cluster.get_client`).
     dataset_path : str, optional
         The dataset (default ``spec.dataset``).
+    validation_path : str, optional
+        The separate validation dataset (default ``spec.validation_dataset``).
     on_iteration : callable, optional
         Called with each history entry (iteration, cost, grad_norm, evaluations, seconds, and
         the stage of a deep job).
@@ -75,6 +78,7 @@ def train(
     """
     kwargs = dict(
         dataset_path=dataset_path,
+        validation_path=validation_path,
         hooks=Hooks(on_iteration, should_stop),
         resume=resume,
         execution=execution,
