@@ -336,6 +336,11 @@ def test_deep_job_with_sgd_stages(two_workers, data, tmp_path):
     assert [e["stage"] for e in hist][:1] == ["pretrain 1/2"] and hist[-1]["stage"] == "finetune"
     assert all((tmp_path / "deep" / d / "done.json").exists() for d in ("stage-1", "finetune"))
     assert spec.total_iterations(1000) == 48
+    alone = spec.model_copy(update={"pretrain": "none"})
+    res = train(alone, tmp_path / "alone", client=two_workers)  # fine-tuning from a random start
+    assert res.status == "succeeded" and res.iterations == 16
+    with pytest.raises(ValueError, match="^finetune_epochs: "):
+        check_spec(alone.model_copy(update={"finetune_epochs": 0}), open_dataset(path))
 
 
 def test_bad_stochastic_specs_name_their_field(data):

@@ -277,8 +277,11 @@ def check_spec(spec: TrainSpec, info: DatasetInfo) -> None:
         raise ValueError(f"dataset: {info.path} holds no examples")
     if spec.code_activation is not None and not spec.is_deep:
         raise ValueError("code_activation: only for deep autoencoders (hidden list)")
-    if spec.is_deep and spec.pretrain == "none" and spec.finetune_iter == 0:
-        raise ValueError("finetune_iter: with pretrain 'none' give fine-tuning iterations")
+    if spec.is_deep and spec.pretrain == "none":
+        if spec.is_stochastic and spec.finetune_epochs == 0:
+            raise ValueError("finetune_epochs: with pretrain 'none' give fine-tuning epochs")
+        if not spec.is_stochastic and spec.finetune_iter == 0:
+            raise ValueError("finetune_iter: with pretrain 'none' give fine-tuning iterations")
     if spec.is_deep:
         deep_architecture(spec, n)
     if spec.validation_fraction is not None and not spec.is_stochastic:
