@@ -238,3 +238,39 @@ def test_job_page_shows_the_metrics(tmp_path):
         width = re.search(r'data-natural-width="(\d+)"', img)
         assert width and int(width.group(1)) > 0, img
         assert re.search(rf'id="metrics-link" href="/jobs/{job_id}/metrics.json\?token=', dom)
+
+
+def test_a_stochastic_jobs_page_plots_steps_and_validation_and_folds_default_fields(tmp_path):
+    """An Adam job with held-out chunks: the cost plot's x axis is the step (not the entry
+    number), every validation point is drawn although few entries carry one, the legend says
+    training and validation, and the spec shows the given fields first, the others (at their
+    defaults) behind a button."""
+    write_tiny(tmp_path / "data", "tiny")  # 200 rows in chunks of 50
+    with Server(tmp_path / "data", tmp_path / "state", token=TOKEN) as srv, srv.client() as http:
+        spec = {
+            "dataset": "tiny",
+            "hidden": 4,
+            "optimizer": "adam",
+            "batch_size": 25,
+            "epochs": 3,
+            "log_every": 2,
+            "validate_every": 3,
+            "validation_fraction": 0.25,
+        }
+        job_id = http.post("/jobs", json=spec).json()["id"]
+        assert wait_job(http, job_id)["status"] == "succeeded"
+        history = http.get(f"/jobs/{job_id}/history").json()
+        with_val = [e for e in history if "val_cost" in e]
+        assert 0 < len(with_val) < len(history)
+        dom = chromium(f"{srv.url}/ui/jobs/{job_id}?token={TOKEN}", tmp_path / "p1")
+        curve = re.search(r'<div[^>]*id="curve"[^>]*>', dom).group(0)
+        assert 'data-rendered="true"' in curve and 'data-validation="true"' in curve
+        assert f'data-last-x="{history[-1]["iteration"]}"' in curve, curve
+        assert f'data-validation-points="{len(with_val)}"' in curve, curve
+        for given in ("optimizer", "batch_size", "validation_fraction", "dataset"):
+            assert re.search(rf'<tr data-field="{given}"><th>', dom), given
+        for default in ("alpha", "momentum", "max_iter", "rho"):
+            assert re.search(rf'<tr data-field="{default}" class="default">', dom), default
+        button = re.search(r'<button id="spec-all"[^>]*>([^<]*)</button>', dom)
+        assert button and "hidden" not in button.group(0) and "at their defaults" in button[1]
+        assert _text(dom, "stage") == "one stage"

@@ -40,7 +40,7 @@
     ["dead", "dead latents", (m) => m.dead + " (" + pct(m.dead_fraction) + ")"],
     ["cosine", "cosine(x, x̂)", (m) => fmt(m.cosine, 4)],
     ["shrinkage", "shrinkage ‖x̂‖ / ‖x‖", (m) => fmt(m.shrinkage, 4)],
-    ["active", "active when", (m) => m.active],
+    ["active", "a latent counts as active when", (m) => m.active],
   ];
   const density = $("density");
   density.addEventListener("load", () => {
@@ -78,19 +78,41 @@
     const stages = [];
     let prev = null;
     const pos = (v) => (typeof v === "number" && (scale === "linear" || v > 0) ? v : NaN);
-    for (const i of keep) {
+    // x is the iteration (a step for adam/sgd); a deep job's stages follow one another, each
+    // starting where the one before ended
+    const xs = new Array(n);
+    let offset = 0, lastOf = 0, stageName = null;
+    for (let i = 0; i < n; i++) {
       const e = entries[i], name = e.stage ?? "";
+      if (stageName !== null && name !== stageName) offset += lastOf;
+      stageName = name;
+      const it = typeof e.iteration === "number" ? e.iteration : i;
+      xs[i] = offset + it;
+      lastOf = it;
+    }
+    const stageOf = (name) => {
       let st = stages[stages.length - 1];
       if (!st || st.name !== name) {
-        st = { name, x: [], cost: [], grad: [], val: [], sx: [], speed: [] };
+        st = { name, x: [], cost: [], grad: [], vx: [], val: [], sx: [], speed: [] };
         stages.push(st);
       }
-      st.x.push(i); st.cost.push(pos(e.cost)); st.grad.push(pos(e.grad_norm)); st.val.push(pos(e.val_cost));
+      return st;
+    };
+    let k = 0;  // validation points: every one (they are few), wherever the drawn ones fall
+    for (const i of keep) {
+      const e = entries[i], st = stageOf(e.stage ?? "");
+      for (; k <= i; k++) {
+        const v = entries[k];
+        if (typeof v.val_cost === "number" && (v.stage ?? "") === st.name) {
+          st.vx.push(xs[k]); st.val.push(pos(v.val_cost));
+        }
+      }
+      st.x.push(xs[i]); st.cost.push(pos(e.cost)); st.grad.push(pos(e.grad_norm));
       const read = typeof e.samples === "number" && typeof prev?.samples === "number"
         ? e.samples - prev.samples  // minibatch steps count their rows
         : rows && typeof e.evaluations === "number" ? rows * (e.evaluations - prev?.evaluations) : null;
       if (prev && read !== null && typeof e.seconds === "number" && e.seconds > prev.seconds) {
-        st.sx.push(i); st.speed.push(read / (e.seconds - prev.seconds));
+        st.sx.push(xs[i]); st.speed.push(read / (e.seconds - prev.seconds));
       }
       prev = e;
     }
@@ -123,6 +145,9 @@
     curve.dataset.drawn = String(s.drawn);
     curve.dataset.stages = s.stages.map((st) => labelOf(st, s.stages)).join("|");
     curve.dataset.lastIteration = String(last.iteration ?? s.n - 1);
+    const lastStage = s.stages[s.stages.length - 1];
+    curve.dataset.lastX = String(lastStage.x[lastStage.x.length - 1]);
+    curve.dataset.validationPoints = String(s.stages.reduce((a, st) => a + st.vx.length, 0));
     const hasVal = s.stages.some((st) => st.val.some((v) => !Number.isNaN(v)));
     curve.dataset.validation = String(hasVal);
     const key = [scale, curve.dataset.stages, hasVal, Boolean(rows)].join(";");
@@ -130,7 +155,7 @@
       s.stages.forEach((st, k) => {
         plotted.cost[k].data = { x: st.x, y: st.cost };
         plotted.grad[k].data = { x: st.x, y: st.grad };
-        if (plotted.val[k]) plotted.val[k].data = { x: st.x, y: st.val };
+        if (plotted.val[k]) plotted.val[k].data = { x: st.vx, y: st.val };
         if (plotted.speed[k]) plotted.speed[k].data = { x: st.sx, y: st.speed };
       });
       return;
@@ -143,12 +168,17 @@
     const p = { key, cost: [], grad: [], val: [], speed: [] };
     s.stages.forEach((st, k) => {
       const colour = COLOURS[k % COLOURS.length], label = labelOf(st, s.stages);
+      // one stage: "training" and "validation" in two colours; stages: a colour each, the
+      // validation dashed
+      const trainLabel = hasVal ? (deep ? label + " (training)" : "training") : label;
       p.cost.push(src(st.x, st.cost));
-      fc.line({ field: "x" }, { field: "y" }, { source: p.cost[k], line_color: colour, line_width: 2, legend_label: hasVal ? label + " (training)" : label });
+      fc.line({ field: "x" }, { field: "y" }, { source: p.cost[k], line_color: colour, line_width: 2, legend_label: trainLabel });
       p.val.push(null);
       if (hasVal) {
-        p.val[k] = src(st.x, st.val);
-        fc.line({ field: "x" }, { field: "y" }, { source: p.val[k], line_color: colour, line_width: 2, line_dash: "dashed", legend_label: label + " (validation)" });
+        p.val[k] = src(st.vx, st.val);
+        const vColour = deep ? colour : COLOURS[1], vLabel = deep ? label + " (validation)" : "validation";
+        fc.line({ field: "x" }, { field: "y" }, { source: p.val[k], line_color: vColour, line_width: 2, line_dash: "dashed", legend_label: vLabel });
+        fc.scatter({ field: "x" }, { field: "y" }, { source: p.val[k], fill_color: vColour, line_color: vColour, size: 5 });
       }
       p.grad.push(src(st.x, st.grad));
       fg.line({ field: "x" }, { field: "y" }, { source: p.grad[k], line_color: colour, line_width: 2, legend_label: label });
@@ -160,7 +190,7 @@
     });
     for (const f of [fc, fg, fs]) {
       if (!f) continue;
-      f.legend.location = "top_right";
+      f.legend.location = f === fs ? "bottom_right" : "top_right";  // away from the curves
       f.legend.background_fill_alpha = 0.5;
       f.legend.click_policy = "hide";  // a click on a stage hides its line
     }
@@ -185,13 +215,45 @@
     if (lastHistory) drawPlots(lastHistory).catch((e) => { $("error").textContent = "plot: " + e; });
   });
 
+  // ---- the spec: the fields given (or differing from their defaults) first; the others,
+  // at their defaults, behind a button
+  let defaults = null, specShown = null;
+  api("/openapi.json").then((o) => {
+    const props = o?.components?.schemas?.TrainSpec?.properties || {};
+    defaults = Object.fromEntries(Object.entries(props).map(([k, v]) => [k, "default" in v ? v.default : null]));
+    specShown = null;
+  }).catch(() => { defaults = {}; });
+  const ALWAYS = ["dataset", "kind", "hidden", "optimizer"];
+  const same = (a, b) => JSON.stringify(a ?? null) === JSON.stringify(b ?? null);
+  function showSpec(spec) {
+    const key = JSON.stringify([spec, defaults !== null]);
+    if (key === specShown) return;
+    specShown = key;
+    const isDefault = (k, v) => defaults !== null && k in defaults && !ALWAYS.includes(k) && same(v, defaults[k]);
+    const entries = Object.entries(spec);
+    const rows = [...entries.filter(([k, v]) => !isDefault(k, v)), ...entries.filter(([k, v]) => isDefault(k, v))];
+    $("spec").tBodies[0].replaceChildren(...rows.map(([k, v]) =>
+      el("tr", isDefault(k, v) ? { "data-field": k, class: "default" } : { "data-field": k },
+        el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v)))));
+    const hidden = rows.filter(([k, v]) => isDefault(k, v)).length;
+    $("spec-all").hidden = hidden === 0;
+    $("spec-all").textContent = $("spec").classList.contains("all")
+      ? "hide the fields at their defaults" : "show the " + hidden + " fields at their defaults";
+  }
+  $("spec-all").addEventListener("click", () => {
+    $("spec").classList.toggle("all");
+    specShown = null;
+    if (lastSpec) showSpec(lastSpec);
+  });
+  let lastSpec = null;
+
   async function refresh() {
     try {
       const j = await api("/jobs/" + id);
       $("status").textContent = j.status;
       $("status").className = "status " + j.status;
       document.body.dataset.status = j.status;
-      $("stage").textContent = j.stage || "–";
+      $("stage").textContent = j.stage || "one stage";
       // a deep job's iteration counts within its stage; the progress is of the whole job
       $("iteration-label").textContent = j.stage ? "Iteration in this stage" : "Iteration";
       $("progress-label").textContent = j.stage ? "Progress of all stages" : "Progress";
@@ -210,8 +272,8 @@
           if (lastHistory) drawPlots(lastHistory).catch(() => {});
         }).catch(() => {});
       }
-      $("spec").tBodies[0].replaceChildren(...Object.entries(j.spec).map(([k, v]) =>
-        el("tr", { "data-field": k }, el("th", {}, k), el("td", {}, Array.isArray(v) ? v.join(", ") : v === null ? "–" : String(v)))));
+      lastSpec = j.spec;
+      showSpec(j.spec);
       $("job-error").textContent = j.error || "–";
       showMetrics(j.metrics || null);
       if (j.dashboard_url) { $("dashboard").href = j.dashboard_url; $("dashboard").textContent = j.dashboard_url; }
