@@ -121,7 +121,7 @@ def numpy_loop(X: np.ndarray, spec, steps: int) -> list[float]:
             parts = b.parts(0, t % b.per_epoch)
             t0 = time.perf_counter()
             rows = np.concatenate([c * 2048 + r for c, r in parts])
-            _, g = obj.cost(net, st.theta, X[rows], dtype=spec.dtype)
+            _, g = obj.cost(net, st.theta, X[rows], passes=spec.passes, dtype=spec.dtype)
             st = step(st, g, learning_rate(st.options, t, steps))
             rates.append(len(rows) / (time.perf_counter() - t0))
     return rates[2:]
@@ -149,7 +149,7 @@ def throughput(args) -> None:
             from worker.dataset import read_all
 
             X = read_all(path).astype(dtype)
-            spec = _spec(path, dtype, max_steps=args.steps)
+            spec = _spec(path, dtype, max_steps=args.steps, passes=args.passes)
             res = train(spec, Path(tmp) / f"job-{dtype}", client=client)
             hist = json.loads(Path(res.history_path).read_text())
             ours = float(np.median(_rates(hist)))
@@ -382,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = p.add_subparsers(dest="what", required=True)
     t = sub.add_parser("throughput")
     t.add_argument("--steps", type=int, default=20)
+    t.add_argument("--passes", choices=["two", "fused"], default="two")
     o = sub.add_parser("out-of-core")
     o.add_argument("--rows", type=int, default=1_000_000)
     o.add_argument("--memory-limit", default="670MB")
