@@ -204,6 +204,7 @@ def test_a_job_can_start_from_a_saved_model_and_refuses_another_kind(data, tmp_p
         (dict(kind="topk", k=3, hidden=12), "sizes"),
         (dict(kind="relu-l1"), "topk model"),
         (dict(kind="topk", k=3, init_model=str(tmp_path / "none.npz")), "no model file"),
+        (dict(kind="topk", k=3, unit_norm_decoder=False), "unit-norm decoder"),
     ]:
         bad = _spec(path, **{"init_model": str(tmp_path / "start.npz"), **other})
         with pytest.raises(ValueError, match=f"^init_model: .*{words}"):

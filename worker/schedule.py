@@ -108,6 +108,13 @@ def initial_model(spec: TrainSpec, net: Network) -> np.ndarray:
             f"init_model: {str(path)!r} is a {model.kind} model of sizes {list(model.sizes)}; "
             f"this job trains a {net.kind} model of sizes {list(net.sizes)}"
         )
+    if model.unit_norm_decoder != net.unit_norm_decoder:  # the same theta, another model
+        unit = model.unit_norm_decoder
+        raise ValueError(
+            f"init_model: {str(path)!r} has a {'unit-norm' if unit else 'free'} decoder; "
+            f"continue it with unit_norm_decoder {str(unit).lower()} "
+            f"({'--unit-norm-decoder' if unit else '--free-decoder'})"
+        )
     return np.asarray(theta, dtype=np.float64)
 
 
