@@ -89,6 +89,11 @@ def register(main: click.Group) -> None:
     @click.option("--threads-per-worker", type=int, help="Threads per embedded worker [1].")
     @click.option("--memory-limit", help="Memory limit per embedded worker [auto].")
     @click.option(
+        "--dashboard-host",
+        help="Interface of the embedded cluster's Dask dashboard [127.0.0.1: it has no "
+        "authentication; 0.0.0.0 for every interface].",
+    )
+    @click.option(
         "--plan",
         type=click.Choice(["auto", "local", "distributed"]),
         help="Where the stages of jobs run [auto: a stage on small data as one task next to them].",
@@ -106,11 +111,16 @@ def register(main: click.Group) -> None:
         import logging
 
         import uvicorn
+        from pydantic import ValidationError
 
         from service.app import create_app
+        from service.errors import describe_errors
         from service.settings import Settings
 
-        settings = Settings(**{k: v for k, v in options.items() if v is not None})
+        try:
+            settings = Settings(**{k: v for k, v in options.items() if v is not None})
+        except ValidationError as exc:
+            raise click.ClickException(describe_errors(exc.errors(), dash=True)) from None
         # Bind before anything starts (the app's lifespan starts Dask): a busy port is one line.
         sock = _listen(settings.host, settings.port)
         logging.basicConfig(level=log_level.upper(), format="%(asctime)s %(name)s %(message)s")

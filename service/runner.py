@@ -140,6 +140,7 @@ class Runner:
                 workers=s.workers,
                 threads_per_worker=s.threads_per_worker,
                 memory_limit=s.memory_limit,
+                dashboard_host=s.dashboard_host,
             )
         )
         if self.dashboard_url is None:

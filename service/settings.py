@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 
@@ -29,12 +29,28 @@ class Settings(BaseSettings):
     workers: int = Field(2, ge=1, description="Workers of the embedded LocalCluster")
     threads_per_worker: int = Field(1, ge=1)
     memory_limit: str = "auto"
+    dashboard_host: str = Field(
+        "127.0.0.1",
+        description="Interface of the embedded cluster's Dask dashboard (it has no "
+        "authentication; 0.0.0.0 to serve it on every interface)",
+    )
     plan: Literal["auto", "local", "distributed"] = Field(
         "auto",
         description="Where the stages of jobs run (SAE_PLAN, like sae train --plan): "
         "distributed: every evaluation is one Dask graph driven from the service; local: a "
         "stage trains as one task next to its data; auto: local when its data are small",
     )
+
+    @field_validator("token")
+    @classmethod
+    def _token_not_empty(cls, v: str | None) -> str | None:
+        if v is not None and not v.strip():
+            raise ValueError(
+                "token: an empty token would leave the API open without a word; give a "
+                "non-empty token, or none (no --token, SAE_TOKEN unset) for an open service"
+            )
+        return v
+
     max_concurrent_jobs: int = Field(1, ge=1, description="Jobs running at the same time")
     max_body_bytes: int = Field(1 << 20, ge=1, description="Largest JSON request body")
     max_upload_bytes: int = Field(1 << 30, ge=1, description="Largest dataset upload")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import gzip
 import io
+import os
 import struct
 import threading
 import time
@@ -365,3 +366,39 @@ def test_csrf_check_is_off_with_a_token(tok_srv):
             headers={"Origin": "http://elsewhere.example"},
         )
         assert r.status_code == 202, r.text
+
+
+def _listening(pid: int) -> set[tuple[str, int]]:
+    import psutil
+
+    return {
+        (c.laddr.ip, c.laddr.port)
+        for c in psutil.net_connections("tcp")
+        if c.status == "LISTEN" and c.pid == pid
+    }
+
+
+def test_the_embedded_dashboard_listens_on_loopback_unless_asked():
+    """The Dask dashboard has no authentication and shows job names, dataset paths and
+    tracebacks: an embedded cluster serves it on 127.0.0.1 unless dashboard_host says more."""
+    from urllib.parse import urlparse
+
+    from worker.cluster import get_client
+
+    for host, expected in (("127.0.0.1", "127.0.0.1"), ("0.0.0.0", "0.0.0.0")):
+        with get_client(workers=1, dashboard_host=host) as (client, _):
+            port = urlparse(client.dashboard_link).port
+            assert (expected, port) in _listening(os.getpid()), (host, client.dashboard_link)
+
+
+def test_an_empty_token_is_refused_not_an_open_service(monkeypatch):
+    from click.testing import CliRunner
+
+    from service.cli import main as sae
+
+    res = CliRunner().invoke(sae, ["serve", "--token", "", "--port", "0"])
+    assert res.exit_code == 1 and res.output.startswith("Error: token: an empty token")
+    assert "Traceback" not in res.output
+    monkeypatch.setenv("SAE_TOKEN", "  ")
+    res = CliRunner().invoke(sae, ["serve", "--port", "0"])
+    assert res.exit_code == 1 and "token: an empty token" in res.output

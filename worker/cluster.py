@@ -34,6 +34,7 @@ def get_client(
     memory_limit: str | int | None = "auto",
     quiet: bool = True,
     connect_timeout: float | None = None,
+    dashboard_host: str = "127.0.0.1",
 ) -> Iterator[tuple[object, object | None]]:
     """A Dask client on an embedded LocalCluster or on an existing scheduler.
 
@@ -52,6 +53,10 @@ def get_client(
         Silence the cluster's informational logging.
     connect_timeout : float, optional
         Seconds to wait for ``scheduler`` (default :data:`CONNECT_TIMEOUT`).
+    dashboard_host : str
+        Interface of an embedded cluster's dashboard: loopback by default (it shows job
+        names, dataset paths and tracebacks, without authentication); ``"0.0.0.0"`` serves it
+        on every interface.
 
     Yields
     ------
@@ -91,7 +96,7 @@ def get_client(
         threads_per_worker=threads_per_worker,
         processes=True,
         memory_limit=memory_limit if memory_limit not in (None, "none") else 0,
-        dashboard_address=":0",
+        dashboard_address=f"{dashboard_host}:0",
         env=worker_env(1),
         **kwargs,
     )
