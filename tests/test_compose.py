@@ -64,7 +64,9 @@ class Compose:
         env = svc.get("environment") or {}
         if isinstance(env, list):
             env = dict(e.split("=", 1) for e in env)
-        return local, {k: self._local(svc, str(v)) for k, v in env.items()}
+        # a variable without a value is passed through from the host's environment when set
+        env = {k: (os.environ.get(k) if v is None else v) for k, v in env.items()}
+        return local, {k: self._local(svc, str(v)) for k, v in env.items() if v is not None}
 
     def up(self, name: str, log: Path) -> subprocess.Popen:
         cmd, env = self.command(name)

@@ -473,3 +473,22 @@ def test_a_validation_dataset_is_named_like_the_dataset(http):
     history = http.get(f"/jobs/{job_id}/history").json()
     assert any("val_cost" in e for e in history)
     assert job["metrics"]["split"] == "validation dataset"
+
+
+@pytest.mark.parametrize(
+    ("change", "field"),
+    [
+        ({"hidden": "5"}, "hidden"),
+        ({"max_iter": True}, "max_iter"),
+        ({"lam": "0.001"}, "lam"),
+        ({"nesterov": "yes"}, "nesterov"),
+        ({"hidden": [1] * 17}, "hidden"),
+        ({"hidden": [1] * 1000}, "hidden"),
+    ],
+)
+def test_specs_are_not_coerced_and_depth_is_bounded(http, change, field):
+    """A string, a boolean or "yes" is not taken for a number or a flag; a thousand layers of
+    one unit (a stage folder each) is refused before anything is written."""
+    r = http.post("/jobs", json={**SMALL, **change})
+    assert r.status_code == 422, r.text
+    assert r.json()["detail"][0]["loc"][:2] == ["body", field], r.text

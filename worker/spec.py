@@ -30,6 +30,8 @@ _DICTIONARY_FIELDS = {
 DEFAULT_L1 = 1e-3
 
 MAX_UNITS = 100_000
+#: Most encoder layers of a deep autoencoder (each is a pretraining stage with its own files).
+MAX_LAYERS = 16
 MAX_ITER = 1_000_000
 
 
@@ -40,7 +42,8 @@ class TrainSpec(BaseModel):
     for a deep autoencoder (``n -> h1 -> ... -> hk -> ... -> h1 -> n``).
     """
 
-    model_config = ConfigDict(extra="forbid")
+    # strict: "5", true or "yes" are not numbers or booleans (no silent coercion of a spec)
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     dataset: str = Field(min_length=1, description="Dataset path (CLI) or name (REST)")
     kind: KindName = Field(
@@ -234,6 +237,8 @@ class TrainSpec(BaseModel):
         sizes = [v] if isinstance(v, int) else v
         if not sizes:
             raise ValueError("hidden: give at least one layer size")
+        if len(sizes) > MAX_LAYERS:
+            raise ValueError(f"hidden: at most {MAX_LAYERS} encoder layers, got {len(sizes)}")
         for h in sizes:
             if h < 1:
                 raise ValueError(f"hidden: layer sizes must be >= 1, got {h}")
