@@ -122,6 +122,8 @@ async def lifespan(app: FastAPI) -> AsyncIterator[None]:
     redact_access_log()
     settings.state_dir.mkdir(parents=True, exist_ok=True)
     settings.data_root.mkdir(parents=True, exist_ok=True)
+    for left in datasets.remove_leftovers(settings.data_root, settings.state_dir):
+        logging.getLogger("sae.service").warning("removed %s, left by an interrupted write", left)
     store = JobStore(settings.db_path)
     runner = Runner(settings, store, train_fn=app.state.train_fn)
     app.state.store, app.state.runner = store, runner

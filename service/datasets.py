@@ -246,6 +246,60 @@ def _creating(name: str) -> Iterator[None]:
         yield
 
 
+#: A write in progress: the hidden sibling :func:`worker.dataset.scratch_path` makes.
+_SCRATCH = re.compile(r"^\..+\.(tmp|raw|norm|old)-[0-9a-f]{8}$")
+#: An upload's spooled copy in the state folder, and its decompressed twin.
+_SPOOLED = re.compile(r"^tmp[^/]*\.upload(\.raw)?$")
+#: A scratch folder untouched this long is not an ingest still running (in another process).
+STALE_SECONDS = 600.0
+
+
+def _newest_mtime(path: Path) -> float:
+    newest = path.lstat().st_mtime
+    if path.is_dir() and not path.is_symlink():
+        for sub in path.rglob("*"):
+            with contextlib.suppress(OSError):
+                newest = max(newest, sub.lstat().st_mtime)
+    return newest
+
+
+def remove_leftovers(
+    data_root: str | os.PathLike, state_dir: str | os.PathLike, now: float | None = None
+) -> list[Path]:
+    """Remove what uploads and ingests killed mid-way left behind: the spooled uploads in
+    ``state_dir`` (only the service writes them: all of them, at its start) and the hidden
+    scratch folders of writes in progress under ``data_root`` that nothing has touched for
+    :data:`STALE_SECONDS` (a younger one may be an ingest still running in another process).
+
+    Returns
+    -------
+    removed : list of Path
+    """
+    import time
+
+    now = time.time() if now is None else now
+    removed: list[Path] = []
+    state = Path(state_dir)
+    if state.is_dir():
+        for p in state.iterdir():
+            if _SPOOLED.match(p.name) and p.is_file():
+                p.unlink(missing_ok=True)
+                removed.append(p)
+    root = Path(data_root)
+    if root.is_dir():
+        for p in sorted(root.rglob(".*"), key=lambda q: len(q.parts)):
+            if not _SCRATCH.match(p.name) or not p.exists() or p.is_symlink():
+                continue
+            try:
+                stale = now - _newest_mtime(p) > STALE_SECONDS
+            except OSError:
+                continue
+            if stale:
+                shutil.rmtree(p, ignore_errors=True) if p.is_dir() else p.unlink(missing_ok=True)
+                removed.append(p)
+    return removed
+
+
 def _gunzip(src: Path, max_bytes: int) -> Path:
     """Decompress ``src`` next to itself in 1 MiB steps, refusing more than ``max_bytes``."""
     out = src.with_name(src.name + ".raw")

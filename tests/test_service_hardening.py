@@ -402,3 +402,38 @@ def test_an_empty_token_is_refused_not_an_open_service(monkeypatch):
     monkeypatch.setenv("SAE_TOKEN", "  ")
     res = CliRunner().invoke(sae, ["serve", "--port", "0"])
     assert res.exit_code == 1 and "token: an empty token" in res.output
+
+
+def test_a_restart_removes_what_killed_uploads_and_ingests_left_behind(tmp_path):
+    """Spooled uploads in the state folder, and scratch folders of writes in progress that
+    nothing touched for 10 minutes, are removed when the service starts; a younger scratch
+    folder (an ingest running in another process), datasets and other files stay."""
+    import time as _time
+
+    from tests.service_fixtures import Server, write_tiny
+
+    data, state = tmp_path / "data", tmp_path / "state"
+    write_tiny(data, "tiny")
+    old = _time.time() - 3600
+    stale = [data / ".big.tmp-0123abcd", data / "nested" / ".x.raw-deadbeef"]
+    for d in stale:
+        (d / "X" / "c").mkdir(parents=True)
+        (d / "X" / "c" / "0").write_bytes(b"\0" * 1000)
+        for p in [d, *d.rglob("*")]:
+            os.utime(p, (old, old))
+    young = data / ".other.tmp-89abcdef"
+    (young / "X").mkdir(parents=True)
+    state.mkdir()
+    spooled = [state / "tmpk2j4.upload", state / "tmpk2j4.upload.raw"]
+    for p in spooled:
+        p.write_bytes(b"\0" * 1000)
+    keep = [data / ".keep", state / "notes.txt"]
+    for p in keep:
+        p.write_text("x")
+    with Server(data, state) as srv, srv.client() as http:
+        assert http.get("/health").status_code == 200
+        for p in stale + spooled:
+            assert not p.exists(), p
+        for p in [young, *keep, data / "tiny"]:
+            assert p.exists(), p
+        assert http.get("/datasets/tiny").status_code == 200
