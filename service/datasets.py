@@ -250,8 +250,9 @@ def _creating(name: str) -> Iterator[None]:
 _SCRATCH = re.compile(r"^\..+\.(tmp|raw|norm|old)-[0-9a-f]{8}$")
 #: An upload's spooled copy in the state folder, and its decompressed twin.
 _SPOOLED = re.compile(r"^tmp[^/]*\.upload(\.raw)?$")
-#: A scratch folder untouched this long is not an ingest still running (in another process).
-STALE_SECONDS = 600.0
+#: A scratch folder untouched this long is not an ingest still running in another process
+#: (whose passes over a large dataset may read one for hours without writing to it).
+STALE_SECONDS = 24 * 3600.0
 
 
 def _newest_mtime(path: Path) -> float:
@@ -270,6 +271,8 @@ def remove_leftovers(
     ``state_dir`` (only the service writes them: all of them, at its start) and the hidden
     scratch folders of writes in progress under ``data_root`` that nothing has touched for
     :data:`STALE_SECONDS` (a younger one may be an ingest still running in another process).
+    A dataset's previous version (``.X.old-*``) whose replacement never arrived (a kill
+    between the two renames of an overwrite) is put back as ``X``, never removed.
 
     Returns
     -------
@@ -288,7 +291,14 @@ def remove_leftovers(
     root = Path(data_root)
     if root.is_dir():
         for p in sorted(root.rglob(".*"), key=lambda q: len(q.parts)):
-            if not _SCRATCH.match(p.name) or not p.exists() or p.is_symlink():
+            m = _SCRATCH.match(p.name)
+            if not m or not p.exists() or p.is_symlink():
+                continue
+            live = p.with_name(p.name[1 : -len(f".{m.group(1)}-00000000")])
+            if m.group(1) == "old" and not live.exists():  # the only copy: put it back
+                with contextlib.suppress(OSError):
+                    os.replace(p, live)
+                    removed.append(p)
                 continue
             try:
                 stale = now - _newest_mtime(p) > STALE_SECONDS

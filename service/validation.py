@@ -85,9 +85,12 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
 
 
 def dataset_unused(store: JobStore, name: str) -> None:
-    """Raise InUse if a queued or running job trains on dataset ``name``."""
+    """Raise InUse if a queued or running job trains on dataset ``name`` or measures its
+    held-out cost on it (``validation_dataset``)."""
     jobs, _ = store.list(ACTIVE, limit=10_000)
-    users = [j.id for j in jobs if j.spec.get("dataset") == name]
+    users = [
+        j.id for j in jobs if name in (j.spec.get("dataset"), j.spec.get("validation_dataset"))
+    ]
     if users:
         raise InUse(f"name: dataset {name!r} is used by active jobs {users}")
 

@@ -197,6 +197,8 @@ def test_a_job_can_start_from_a_saved_model_and_refuses_another_kind(data, tmp_p
     from worker.layout import save_model
 
     save_model(tmp_path / "start.npz", net, theta)
+    np.save(tmp_path / "a.npy", theta)
+    (tmp_path / "cut.npz").write_bytes((tmp_path / "start.npz").read_bytes()[:500])
     spec = _spec(path, kind="topk", k=3, init_model=str(tmp_path / "start.npz"))
     stage = Schedule(spec, info, tmp_path).stage(StageId.single(), [])
     assert np.array_equal(stage.theta0, theta)
@@ -205,6 +207,8 @@ def test_a_job_can_start_from_a_saved_model_and_refuses_another_kind(data, tmp_p
         (dict(kind="relu-l1"), "topk model"),
         (dict(kind="topk", k=3, init_model=str(tmp_path / "none.npz")), "no model file"),
         (dict(kind="topk", k=3, unit_norm_decoder=False), "unit-norm decoder"),
+        (dict(kind="topk", k=3, init_model=str(tmp_path / "a.npy")), "not a model.npz"),
+        (dict(kind="topk", k=3, init_model=str(tmp_path / "cut.npz")), "not a model.npz"),
     ]:
         bad = _spec(path, **{"init_model": str(tmp_path / "start.npz"), **other})
         with pytest.raises(ValueError, match=f"^init_model: .*{words}"):
@@ -224,3 +228,21 @@ def test_train_result_is_json_and_a_resumed_job_measures_its_new_model(two_worke
     after = json.loads((tmp_path / "j" / "metrics.json").read_text())
     assert again.iterations > res.iterations and after["mse"] != before["mse"]
     assert again.metrics["mse"] == after["mse"]
+
+
+def test_a_failure_to_measure_does_not_fail_the_trained_job(
+    two_workers, data, tmp_path, monkeypatch
+):
+    import worker.evaluate
+
+    def broken(root, client=None):
+        raise TypeError("something unexpected")
+
+    monkeypatch.setattr(worker.evaluate, "evaluate_job", broken)
+    path, _ = data
+    res = train(
+        _spec(path, kind="relu-l1", l1=0.05, max_iter=3), tmp_path / "m", client=two_workers
+    )
+    assert res.status == "succeeded" and res.metrics is None
+    assert "metrics: not measured (TypeError: something unexpected)" in res.message
+    assert (tmp_path / "m" / "model.npz").exists()

@@ -492,3 +492,24 @@ def test_specs_are_not_coerced_and_depth_is_bounded(http, change, field):
     r = http.post("/jobs", json={**SMALL, **change})
     assert r.status_code == 422, r.text
     assert r.json()["detail"][0]["loc"][:2] == ["body", field], r.text
+
+
+def test_a_validation_dataset_in_use_cannot_be_deleted(http, server):
+    write_tiny(server.data_root, "val/inuse")
+    spec = {
+        "dataset": "tiny",
+        "hidden": 4,
+        "optimizer": "adam",
+        "batch_size": 10,
+        "epochs": 100_000,
+        "validation_dataset": "val/inuse",
+    }
+    job_id = http.post("/jobs", json=spec).json()["id"]
+    try:
+        wait_job(http, job_id, lambda j: j["status"] == "running" or j["status"] in TERMINAL)
+        r = http.delete("/datasets/val/inuse")
+        assert r.status_code == 409 and job_id in r.text, r.text
+    finally:
+        http.post(f"/jobs/{job_id}/cancel")
+        wait_job(http, job_id, lambda j: j["status"] in TERMINAL)
+    assert http.delete("/datasets/val/inuse").status_code == 204

@@ -414,8 +414,12 @@ def test_a_restart_removes_what_killed_uploads_and_ingests_left_behind(tmp_path)
 
     data, state = tmp_path / "data", tmp_path / "state"
     write_tiny(data, "tiny")
-    old = _time.time() - 3600
-    stale = [data / ".big.tmp-0123abcd", data / "nested" / ".x.raw-deadbeef"]
+    old = _time.time() - 2 * 86400
+    stale = [
+        data / ".big.tmp-0123abcd",
+        data / "nested" / ".x.raw-deadbeef",
+        data / ".tiny.old-01234567",  # an overwrite's old version; tiny itself is there
+    ]
     for d in stale:
         (d / "X" / "c").mkdir(parents=True)
         (d / "X" / "c" / "0").write_bytes(b"\0" * 1000)
@@ -423,6 +427,10 @@ def test_a_restart_removes_what_killed_uploads_and_ingests_left_behind(tmp_path)
             os.utime(p, (old, old))
     young = data / ".other.tmp-89abcdef"
     (young / "X").mkdir(parents=True)
+    only_copy = data / ".gone.old-fedcba98"  # killed between an overwrite's two renames
+    write_tiny(data, ".gone.old-fedcba98")
+    for p in [only_copy, *only_copy.rglob("*")]:
+        os.utime(p, (old, old))
     state.mkdir()
     spooled = [state / "tmpk2j4.upload", state / "tmpk2j4.upload.raw"]
     for p in spooled:
@@ -437,3 +445,4 @@ def test_a_restart_removes_what_killed_uploads_and_ingests_left_behind(tmp_path)
         for p in [young, *keep, data / "tiny"]:
             assert p.exists(), p
         assert http.get("/datasets/tiny").status_code == 200
+        assert not only_copy.exists() and http.get("/datasets/gone").status_code == 200

@@ -286,8 +286,8 @@ def _metrics(root: Path, client) -> tuple[dict | None, str]:
 
     try:
         metrics = evaluate_job(root, client)
-    except (ValueError, OSError, RuntimeError, FloatingPointError) as exc:
-        return None, f"metrics: not measured ({exc})"
+    except Exception as exc:  # noqa: BLE001 - the model is written; say why it is not measured
+        return None, f"metrics: not measured ({type(exc).__name__}: {exc})"
     if metrics is None:
         return None, ""
     return {k: v for k, v in metrics.items() if k != "density"}, ""  # JSON-able, as the file

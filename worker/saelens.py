@@ -453,15 +453,17 @@ def import_saelens(folder: str | os.PathLike) -> tuple[Dictionary, np.ndarray, d
     raw, stored = read_saelens(folder)
     cfg = _defaulted(raw)
     arch = cfg.get("architecture")
-    if arch not in ARCHITECTURES:
-        why = NOT_IMPORTED.get(arch, "it is not an architecture of SAELens a Dictionary computes")
+    if not isinstance(arch, str) or arch not in ARCHITECTURES:
+        why = "it is not an architecture of SAELens a Dictionary computes"
+        why = NOT_IMPORTED.get(arch, why) if isinstance(arch, str) else why
         raise ValueError(
             f"architecture: {arch!r} cannot be imported ({why}); a Dictionary computes "
             f"{' and '.join(repr(a) for a in ARCHITECTURES)}"
         )
     norm = cfg.get("normalize_activations", "none")
     if norm != "none":
-        why = _NORMALIZE_REFUSED.get(norm, "is not a normalisation SAELens knows")
+        why = "is not a normalisation SAELens knows"
+        why = _NORMALIZE_REFUSED.get(norm, why) if isinstance(norm, str) else why
         raise ValueError(f"normalize_activations: {norm!r} cannot be imported: it {why}")
     d_in, d_sae = _size(cfg, "d_in"), _size(cfg, "d_sae")
     dtype = _dtype_name(cfg.get("dtype", "float32"), "dtype")

@@ -73,8 +73,10 @@
   function series(entries) {
     const n = entries.length, step = Math.ceil(n / MAX_POINTS);
     const keep = [];
-    for (let i = 0; i < n; i += step) keep.push(i);
-    if (keep[keep.length - 1] !== n - 1) keep.push(n - 1);
+    for (let i = 0; i < n; i++) {  // every step-th entry, and each stage's last
+      const stageEnd = i === n - 1 || (entries[i + 1].stage ?? "") !== (entries[i].stage ?? "");
+      if (i % step === 0 || stageEnd) keep.push(i);
+    }
     const stages = [];
     let prev = null;
     const pos = (v) => (typeof v === "number" && (scale === "linear" || v > 0) ? v : NaN);
