@@ -3,6 +3,10 @@
 A dataset's name is its Zarr path relative to the data root, so a dataset written there by
 ``sae ingest`` is served at once. Names resolve inside the data root only: no ``..``, no
 absolute paths, no symbolic link that leads outside.
+
+A deletion (its check that no active job uses the dataset, and the removal) and a job's
+submission (its check of the dataset, and the job's record) hold :func:`guard` of the folder
+the name resolves to, so one of the two comes first, whichever names they use.
 """
 
 from __future__ import annotations
@@ -13,7 +17,8 @@ import os
 import re
 import shutil
 import threading
-from collections.abc import Iterator
+import zlib
+from collections.abc import Iterable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -34,6 +39,14 @@ class NotFound(LookupError):
 
 class Exists(FileExistsError):
     """A dataset of that name exists already."""
+
+
+class InUse(RuntimeError):
+    """A queued or running job uses the dataset (maybe by another name of the same folder)."""
+
+
+class TooLarge(ValueError):
+    """An upload exceeds a size limit of the service (decompressed size, bytes per chunk)."""
 
 
 def check_name(name: str) -> str:
@@ -139,14 +152,104 @@ def get_dataset(data_root: str | os.PathLike, name: str) -> tuple[Path, DatasetI
         raise NotFound(str(exc).replace(str(path), repr(name))) from None
 
 
-def delete_dataset(data_root: str | os.PathLike, name: str) -> None:
-    """Remove dataset ``name`` from disk.
+#: The lock of each folder some request holds or waits for, and how many do (then dropped).
+_GUARDS: dict[str, list] = {}
+_GUARDS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def guard(data_root: str | os.PathLike, *names: str | None) -> Iterator[None]:
+    """Hold the locks of datasets ``names`` (None and names that cannot resolve are skipped).
+
+    A lock belongs to the folder a name resolves to, so two names of one folder (one of them a
+    symbolic link) share it; locks are taken in one order, so holders of several never
+    deadlock. Held by a deletion across "no active job uses it" and the removal, and by a job's
+    submission across "the dataset exists and fits" and the job's record. (Within one service
+    process: the locks are threads'.)
+    """
+    keys = set()
+    for name in names:
+        if name is not None:
+            with contextlib.suppress(BadName):
+                keys.add(str(resolve(data_root, name)))
+    keys = sorted(keys)
+    with _GUARDS_LOCK:
+        entries = [_GUARDS.setdefault(key, [threading.Lock(), 0]) for key in keys]
+        for entry in entries:
+            entry[1] += 1
+    try:
+        with contextlib.ExitStack() as stack:
+            for lock, _ in entries:
+                stack.enter_context(lock)
+            yield
+    finally:
+        with _GUARDS_LOCK:
+            for key, entry in zip(keys, entries, strict=True):
+                entry[1] -= 1
+                if entry[1] == 0:
+                    del _GUARDS[key]
+
+
+def _link(data_root: str | os.PathLike, name: str) -> Path | None:
+    """``name`` in the data root if it is a symbolic link itself (its parents resolved)."""
+    root = Path(data_root).resolve()
+    lexical = root / check_name(name)
+    parent = lexical.parent.resolve()
+    if not parent.is_relative_to(root):
+        return None  # resolve() refuses it
+    path = parent / lexical.name
+    return path if path.is_symlink() else None
+
+
+def users(
+    data_root: str | os.PathLike, name: str, jobs: Iterable[tuple[str, Mapping[str, Any]]]
+) -> list[str]:
+    """Ids of the jobs of ``jobs`` (``(id, spec)`` pairs) that train on, or measure on, the
+    folder ``name`` resolves to, by whatever name."""
+    target = resolve(data_root, name)
+    out = []
+    for job_id, spec in jobs:
+        for used in (spec.get("dataset"), spec.get("validation_dataset")):
+            if not isinstance(used, str):
+                continue
+            with contextlib.suppress(BadName):
+                if resolve(data_root, used) == target:
+                    out.append(job_id)
+                    break
+    return out
+
+
+def delete_dataset(
+    data_root: str | os.PathLike,
+    name: str,
+    jobs: Iterable[tuple[str, Mapping[str, Any]]] = (),
+) -> None:
+    """Remove dataset ``name`` from disk; if ``name`` is a symbolic link (to a dataset inside
+    the data root: like every name, one leading outside is refused), only the link.
+
+    Call it under :func:`guard` of ``name``, with the active jobs read under that guard.
+
+    Parameters
+    ----------
+    data_root : path
+    name : str
+    jobs : iterable of (id, spec)
+        The active jobs: the deletion is refused if one uses the folder ``name`` resolves to,
+        by any name (compared as resolved paths).
 
     Raises
     ------
-    BadName, NotFound
+    BadName, NotFound, InUse
     """
     path = _existing(data_root, name)
+    link = _link(data_root, name)
+    jobs = list(jobs)
+    ids = users(data_root, name, jobs) if jobs else []
+    if ids:
+        raise InUse(f"name: dataset {name!r} is used by active jobs {ids}")
+    if link is not None:
+        link.unlink()
+        return
     shutil.rmtree(path)
     _RANGES.pop(str(path), None)
 
@@ -196,7 +299,7 @@ def sniff_format(path: Path) -> str:
     try:
         with gzip.open(path, "rb") if gz else open(path, "rb") as f:
             head = f.read(6)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         raise ValueError(f"file: cannot read the upload ({exc})") from None
     if head.startswith(b"\x93NUMPY"):
         return "npy"
@@ -310,8 +413,23 @@ def remove_leftovers(
     return removed
 
 
-def _gunzip(src: Path, max_bytes: int) -> Path:
-    """Decompress ``src`` next to itself in 1 MiB steps, refusing more than ``max_bytes``."""
+def decompression_limit(
+    data_root: str | os.PathLike, state_dir: str | os.PathLike, at_most: int
+) -> int:
+    """The default most bytes a gzip-compressed upload may decompress to: ``at_most`` (the
+    largest upload), and at most a quarter of the free space of the data root (where the
+    dataset goes) and of the state folder (where the decompressed copy goes), now."""
+    limit = at_most
+    for folder in (data_root, state_dir):
+        with contextlib.suppress(OSError):
+            limit = min(limit, shutil.disk_usage(folder).free // 4)
+    return max(1, limit)
+
+
+def _gunzip(src: Path, max_bytes: int, max_inflated: int | None = None) -> Path:
+    """Decompress ``src`` next to itself in 1 MiB steps, refusing (as it streams) more than
+    ``max_bytes`` (the largest dataset: ValueError) or ``max_inflated`` (the most an upload
+    may decompress to: :class:`TooLarge`)."""
     out = src.with_name(src.name + ".raw")
     done = 0
     try:
@@ -320,8 +438,13 @@ def _gunzip(src: Path, max_bytes: int) -> Path:
                 done += len(block)
                 if done > max_bytes:
                     raise ValueError(f"file: decompresses to more than {max_bytes} bytes")
+                if max_inflated is not None and done > max_inflated:
+                    raise TooLarge(
+                        f"file: decompresses to more than {max_inflated} bytes, the most an "
+                        "upload may decompress to (max_decompressed_bytes)"
+                    )
                 fout.write(block)
-    except (OSError, EOFError) as exc:
+    except (OSError, EOFError, zlib.error) as exc:
         out.unlink(missing_ok=True)
         raise ValueError(f"file: cannot decompress the upload ({exc})") from None
     except BaseException:
@@ -337,44 +460,72 @@ def ingest_upload(
     max_bytes: int = 1 << 40,
     filename: str | None = None,
     sample_shape: tuple[int, ...] | None = None,
+    max_inflated: int | None = None,
+    max_chunk_bytes: int | None = None,
 ) -> dict[str, Any]:
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
     The file is streamed into the Zarr store block by block by :mod:`worker.array_files` (a
     gzip-compressed upload, of either format, is first decompressed to disk, at most
-    ``max_bytes``). The dataset's source names the uploaded file (``filename``, as the
-    client sent it), not the temporary copy; ``sample_shape`` (e.g. (28, 28)) makes its
-    examples pictures.
+    ``max_bytes`` and ``max_inflated``, checked as it streams). Chunks hold at most
+    ``max_chunk_bytes`` (default :data:`worker.array_files.MAX_CHUNK_BYTES`). The dataset's
+    source names the uploaded file (``filename``, as the client sent it), not the temporary
+    copy; ``sample_shape`` (e.g. (28, 28)) makes its examples pictures. A refused upload
+    leaves nothing behind: no decompressed copy, no scratch folder, no empty parent folder
+    made for it.
 
     Raises
     ------
     BadName, Exists, ValueError
+    TooLarge
+        If the upload decompresses to more than ``max_inflated``, or one example is larger
+        than ``max_chunk_bytes``.
     """
     fmt = sniff_format(src)
     from worker import array_files
 
+    chunk_bytes = array_files.MAX_CHUNK_BYTES if max_chunk_bytes is None else max_chunk_bytes
     with _creating(name):
         dest = _check_new(data_root, name)
+        made = _missing_parents(data_root, dest)
         raw = None
         try:
             with open(src, "rb") as f:
-                if f.read(2) == b"\x1f\x8b":  # either format: decompress under the cap
-                    raw = src = _gunzip(src, max_bytes)
+                if f.read(2) == b"\x1f\x8b":  # either format: decompress under the caps
+                    raw = src = _gunzip(src, max_bytes, max_inflated)
             source = f"upload:{filename or 'file'} ({fmt})"
-            if fmt == "npy":
-                info = array_files.ingest_npy(src, dest, sample_shape=sample_shape, source=source)
-            else:
-                info = array_files.ingest_idx(src, dest, sample_shape=sample_shape, source=source)
+            ingest = array_files.ingest_npy if fmt == "npy" else array_files.ingest_idx
+            info = ingest(
+                src, dest, sample_shape=sample_shape, source=source, max_chunk_bytes=chunk_bytes
+            )
         except (DatasetError, ValueError) as exc:
+            _remove_empty(made)
             if dest.exists():  # another process made it meanwhile
                 raise Exists(f"name: a dataset named {name!r} exists already") from None
             msg = str(exc).replace(str(src), "the upload").replace(str(dest), repr(name))
             field = "sample_shape" if msg.startswith("sample_shape") else "file"
-            raise ValueError(msg if msg.startswith(field) else f"file: {msg}") from None
+            kind = TooLarge if isinstance(exc, TooLarge | array_files.TooLarge) else ValueError
+            raise kind(msg if msg.startswith(field) else f"file: {msg}") from None
+        except BaseException:
+            _remove_empty(made)
+            raise
         finally:
             if raw is not None:
                 raw.unlink(missing_ok=True)
     return describe(name, info)
+
+
+def _missing_parents(data_root: str | os.PathLike, dest: Path) -> list[Path]:
+    """The folders between the data root and ``dest`` that do not exist yet, innermost first."""
+    root = Path(data_root).resolve()
+    return [p for p in dest.parents if p.is_relative_to(root) and p != root and not p.exists()]
+
+
+def _remove_empty(folders: list[Path]) -> None:
+    """Remove those of ``folders`` (innermost first) that are empty."""
+    for folder in folders:
+        with contextlib.suppress(OSError):
+            folder.rmdir()
 
 
 def ingest_photographs(data_root: str | os.PathLike, name: str, **options: Any) -> dict[str, Any]:

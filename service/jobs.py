@@ -93,13 +93,17 @@ def submit(
             raise Conflict(str(exc)) from None
         if prior is not None:
             return prior
-    for field, msg in validation.check_spec(spec, data_root):
-        raise Invalid(field, msg)
-    try:
-        first = validation.first_max_iter(spec, data_root)
-        job, created = store.create(spec_json, first, idempotency_key)
-    except IdempotencyConflict as exc:
-        raise Conflict(str(exc)) from None
+    from service.datasets import guard
+
+    # under the datasets' guard: a deletion of them comes wholly before, or sees the job
+    with guard(data_root, spec.dataset, spec.validation_dataset):
+        for field, msg in validation.check_spec(spec, data_root):
+            raise Invalid(field, msg)
+        try:
+            first = validation.first_max_iter(spec, data_root)
+            job, created = store.create(spec_json, first, idempotency_key)
+        except IdempotencyConflict as exc:
+            raise Conflict(str(exc)) from None
     if created:
         runner.notify()
         metrics.submitted.inc()
@@ -160,6 +164,31 @@ def resume(job_id: str, max_iter: int | None, *, store: JobStore, runner: Runner
         raise Conflict(f"{field}: {msg}")
     spec = {**job.spec, "max_iter": max_iter} if max_iter is not None else None
     queued = store.resume(job_id, spec, max_iter)
+    if queued is None:  # its status changed meanwhile
+        raise Conflict(f"status: job {job_id} is {_get(store, job_id).status}")
+    runner.notify()
+    return queued
+
+
+def retry(job_id: str, *, store: JobStore, runner: Runner) -> Job:
+    """Run a failed job again, from its last checkpoint, with a fresh crash budget.
+
+    Raises
+    ------
+    NotFound
+        If there is no such job.
+    Conflict
+        If the job has not failed (``resume`` continues a cancelled or finished one).
+    """
+    job = _get(store, job_id)
+    if job.status != "failed":
+        hint = (
+            "; sae resume (POST /jobs/ID/resume) continues a cancelled or finished job"
+            if job.status in ("cancelled", "succeeded")
+            else ""
+        )
+        raise Conflict(f"status: job {job_id} is {job.status}, not failed{hint}")
+    queued = store.resume(job_id)
     if queued is None:  # its status changed meanwhile
         raise Conflict(f"status: job {job_id} is {_get(store, job_id).status}")
     runner.notify()

@@ -29,7 +29,9 @@ from service.deps import (
     field_error,
     require_token,
 )
+from service.errors import clean_message
 from service.schemas import Dataset, PhotographPatches
+from service.store import ACTIVE
 
 router = APIRouter(
     tags=["datasets"], dependencies=[Depends(require_token)], responses=API_RESPONSES
@@ -42,12 +44,19 @@ uploads = APIRouter(
 
 @contextmanager
 def _ingest_errors(name: str, value_field: Callable[[str], str]) -> Iterator[None]:
-    """Answer the errors of making dataset ``name``: 409 if it exists, else a 422 naming the
-    field (``value_field(message)`` for a ValueError)."""
+    """Answer the errors of making dataset ``name``: 409 if it exists, 413 naming the field for
+    a size limit of the service, else a 422 naming the field (``value_field(message)`` for a
+    ValueError)."""
     try:
         yield
     except datasets.Exists as exc:
         raise HTTPException(409, str(exc)) from None
+    except datasets.TooLarge as exc:
+        field = value_field(str(exc))
+        detail = [
+            {"loc": ["body", field], "msg": clean_message(field, str(exc)), "type": "too_large"}
+        ]
+        raise HTTPException(413, detail) from None
     except datasets.BadName as exc:
         raise field_error("name", str(exc)) from None
     except ValueError as exc:
@@ -108,6 +117,9 @@ def upload_dataset(
         raise field_error("name", str(exc)) from None
     shape = tuple(int(d) for d in sample_shape.split("x")) if sample_shape else None
     filename = Path(file.filename or "").name[:200] or None
+    inflated = settings.max_decompressed_bytes or datasets.decompression_limit(
+        settings.data_root, settings.state_dir, settings.max_upload_bytes
+    )
     with _spooled(file.file, settings.state_dir) as path:
         with _ingest_errors(name, _upload_field):
             return datasets.ingest_upload(
@@ -117,6 +129,8 @@ def upload_dataset(
                 settings.max_dataset_bytes,
                 filename=filename,
                 sample_shape=shape,
+                max_inflated=inflated,
+                max_chunk_bytes=settings.max_chunk_bytes,
             )
 
 
@@ -153,12 +167,15 @@ def get_dataset(settings: SettingsDep, name: str) -> dict[str, Any]:
 
 @router.delete("/datasets/{name:path}", status_code=204, responses={**R404, **R409})
 def delete_dataset(settings: SettingsDep, store: StoreDep, name: str) -> Response:
-    """Delete a dataset (refused while a queued or running job uses it)."""
+    """Delete a dataset (refused while a queued or running job uses it, by any name of its
+    folder); a name that is a symbolic link is removed, never its target."""
     try:
-        validation.dataset_unused(store, name)
-        datasets.delete_dataset(settings.data_root, name)
+        with datasets.guard(settings.data_root, name):  # no job is submitted on it meanwhile
+            validation.dataset_unused(store, name)
+            active, _ = store.list(ACTIVE, limit=10_000)
+            datasets.delete_dataset(settings.data_root, name, [(j.id, j.spec) for j in active])
     except datasets.NotFound as exc:
         raise HTTPException(404, str(exc)) from None
-    except validation.InUse as exc:
+    except (validation.InUse, datasets.InUse) as exc:
         raise HTTPException(409, str(exc)) from None
     return Response(status_code=204)
