@@ -83,6 +83,14 @@ def register(main: click.Group) -> None:
     @click.option("--state-dir", type=click.Path(file_okay=False), help="Job store folder.")
     @click.option("--host", help="Address to listen on [127.0.0.1].")
     @click.option("--port", type=int, help="Port [8000].")
+    @click.option(
+        "--allowed-host",
+        "allowed_hosts",
+        multiple=True,
+        help="A host name clients reach the service by, besides localhost, 127.0.0.1, ::1 and "
+        "--host (other Host headers are refused: DNS rebinding); repeatable; *.example.com "
+        "for subdomains, * for any.",
+    )
     @click.option("--token", help="Require this bearer token on the API.")
     @click.option("--scheduler", help="Dask scheduler tcp://HOST:PORT (default: embedded).")
     @click.option("--workers", type=int, help="Workers of the embedded LocalCluster [2].")
@@ -117,6 +125,7 @@ def register(main: click.Group) -> None:
         from service.errors import describe_errors
         from service.settings import Settings
 
+        options["allowed_hosts"] = list(options["allowed_hosts"]) or None
         try:
             settings = Settings(**{k: v for k, v in options.items() if v is not None})
         except ValidationError as exc:
@@ -129,6 +138,13 @@ def register(main: click.Group) -> None:
             f"state={settings.state_dir} scheduler={settings.scheduler or 'embedded'}",
             err=True,
         )
+        if settings.host.strip("[]") in ("0.0.0.0", "::") and not settings.allowed_hosts:
+            click.echo(
+                f"sae serve: listening on every interface, but answering only to "
+                f"{', '.join(settings.trusted_hosts)} in the Host header; add the names clients "
+                "use with --allowed-host NAME (SAE_ALLOWED_HOSTS=a,b)",
+                err=True,
+            )
         config = uvicorn.Config(
             create_app(settings),
             host=settings.host,
@@ -225,6 +241,19 @@ def register(main: click.Group) -> None:
         """Continue a cancelled, failed or finished job from its last checkpoint."""
         api = _api(url, token)
         j = api.resume(job_id, max_iter)
+        click.echo(_job_line(j))
+        if wait_:
+            sys.exit(_wait(api, job_id, 1.0))
+
+    @main.command()
+    @click.argument("job_id")
+    @click.option("--wait", "wait_", is_flag=True, help="Wait for the job with a progress bar.")
+    @url_option
+    @token_option
+    def retry(job_id, wait_, url, token) -> None:
+        """Run a failed job again from its last checkpoint, with a fresh crash budget."""
+        api = _api(url, token)
+        j = api.retry(job_id)
         click.echo(_job_line(j))
         if wait_:
             sys.exit(_wait(api, job_id, 1.0))

@@ -59,12 +59,22 @@ class Client:
     token : str, optional
     timeout : float
         Seconds per request.
+    busy_retries : int
+        Times a read or an encode answered 503 with ``Retry-After`` (a busy service) is sent
+        again after the wait it asks for (at most 5 s each).
     """
 
-    def __init__(self, url: str = DEFAULT_URL, token: str | None = None, timeout: float = 30.0):
+    def __init__(
+        self,
+        url: str = DEFAULT_URL,
+        token: str | None = None,
+        timeout: float = 30.0,
+        busy_retries: int = 5,
+    ):
         import httpx
 
         headers = {"Authorization": f"Bearer {token}"} if token else {}
+        self.busy_retries = int(busy_retries)
         self.url = url.rstrip("/")
         self.http = httpx.Client(base_url=self.url, headers=headers, timeout=timeout)
 
@@ -89,10 +99,19 @@ class Client:
         """
         import httpx
 
-        try:
-            r = self.http.request(method, path, **kw)
-        except httpx.HTTPError as exc:
-            raise ServiceError(0, f"cannot reach {self.url}: {exc}") from None
+        retryable = method in ("GET", "HEAD") or path.endswith("/encode")  # no side effect
+        for attempt in range(self.busy_retries + 1):
+            try:
+                r = self.http.request(method, path, **kw)
+            except httpx.HTTPError as exc:
+                raise ServiceError(0, f"cannot reach {self.url}: {exc}") from None
+            wait = r.headers.get("Retry-After")
+            if not (r.status_code == 503 and retryable and wait and attempt < self.busy_retries):
+                break
+            try:  # a busy service (its encode threads full): wait as it asks, a little at most
+                time.sleep(min(max(float(wait), 0.1), 5.0))
+            except ValueError:
+                break
         if r.status_code >= 400:
             try:
                 detail = r.json().get("detail", r.text)
@@ -157,6 +176,10 @@ class Client:
         """Continue a cancelled, failed or finished job (to ``max_iter``) from its checkpoint."""
         body = {"max_iter": max_iter} if max_iter is not None else {}
         return self.request("POST", f"/jobs/{job_id}/resume", json=body).json()
+
+    def retry(self, job_id: str) -> dict[str, Any]:
+        """Run a failed job again from its last checkpoint."""
+        return self.request("POST", f"/jobs/{job_id}/retry").json()
 
     def delete(self, job_id: str) -> None:
         """Delete a job and its artifacts (cancelling it first)."""

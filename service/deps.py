@@ -8,10 +8,11 @@ here, never from globals; the app's lifespan makes them (:func:`service.app.crea
 from __future__ import annotations
 
 import secrets
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Annotated
+from typing import Annotated, TypeVar
 
+import anyio
 from fastapi import Depends, HTTPException, Request
 from fastapi import Path as PathParam
 from fastapi.exceptions import RequestValidationError
@@ -24,6 +25,8 @@ from service.schemas import Message, ValidationFailed
 from service.settings import Settings
 from service.store import Job, JobStore
 
+T = TypeVar("T")
+
 # ------------------------------------------------------------------------- response docs
 
 R400 = {400: {"model": Message, "description": "Malformed request"}}
@@ -31,6 +34,7 @@ R401 = {401: {"model": Message, "description": "Missing or wrong bearer token"}}
 R404 = {404: {"model": Message, "description": "No such job or dataset"}}
 R409 = {409: {"model": Message, "description": "Conflict with the current state"}}
 R413 = {413: {"description": "Request body too large"}}
+R503 = {503: {"model": Message, "description": "Busy: retry after Retry-After seconds"}}
 R422 = {422: {"model": ValidationFailed, "description": "Invalid input; loc names the field"}}
 #: The answers every route of the JSON API may give (routers that :func:`require_token`).
 API_RESPONSES = {**R400, **R401, **R413}
@@ -42,24 +46,25 @@ ASSET_RESPONSES = {**R401}
 JobId = Annotated[str, PathParam(min_length=1, max_length=64, pattern=r"^[0-9a-f]+$")]
 
 # ------------------------------------------------------------------------- app state
+# (async: a dependency that is a plain function would take a thread of the default pool)
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     """The settings of the app serving ``request``."""
     return request.app.state.settings
 
 
-def get_store(request: Request) -> JobStore:
+async def get_store(request: Request) -> JobStore:
     """The job store."""
     return request.app.state.store
 
 
-def get_runner(request: Request) -> Runner:
+async def get_runner(request: Request) -> Runner:
     """The job runner."""
     return request.app.state.runner
 
 
-def get_app_metrics(request: Request) -> Metrics:
+async def get_app_metrics(request: Request) -> Metrics:
     """The app's Prometheus metrics (made in the lifespan)."""
     return request.app.state.metrics
 
@@ -96,13 +101,15 @@ def authorized(settings: Settings, creds: HTTPAuthorizationCredentials | None) -
     return not settings.token or _token_ok(creds.credentials if creds else None, settings)
 
 
-def require_token(settings: SettingsDep, creds: CredentialsDep) -> None:
+async def require_token(settings: SettingsDep, creds: CredentialsDep) -> None:
     """Refuse the request (401) unless it carries the service's bearer token (header only)."""
     if not authorized(settings, creds):
         raise _refuse()
 
 
-def require_token_or_query(request: Request, settings: SettingsDep, creds: CredentialsDep) -> None:
+async def require_token_or_query(
+    request: Request, settings: SettingsDep, creds: CredentialsDep
+) -> None:
     """As :func:`require_token`, but also accept ``?token=``.
 
     Only for GET routes a browser loads without headers (pictures, downloads linked from the
@@ -114,6 +121,43 @@ def require_token_or_query(request: Request, settings: SettingsDep, creds: Crede
     given = creds.credentials if creds else request.query_params.get("token")
     if not _token_ok(given, settings):
         raise _refuse()
+
+
+# ------------------------------------------------------------------------- thread pools
+
+
+async def in_encode_threads(request: Request, fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread of the app's encode pool (``max_concurrent_encodes`` threads).
+
+    CPU-heavy encodes never hold the threads the other routes run in, so ``/health`` and the
+    status routes answer while they run. A request finding ``max_waiting_encodes`` others
+    already waiting is refused at once.
+
+    Raises
+    ------
+    HTTPException
+        503 with ``Retry-After`` when too many encodes wait.
+    """
+    settings: Settings = request.app.state.settings
+    limiter: anyio.CapacityLimiter = request.app.state.encode_limiter
+    stats = limiter.statistics()
+    if (
+        stats.borrowed_tokens >= limiter.total_tokens
+        and stats.tasks_waiting >= settings.max_waiting_encodes
+    ):
+        raise HTTPException(
+            503,
+            f"encode: {stats.borrowed_tokens} encode requests run and {stats.tasks_waiting} "
+            "wait already; retry shortly",
+            headers={"Retry-After": "1"},
+        )
+    return await anyio.to_thread.run_sync(fn, limiter=limiter)
+
+
+async def in_status_threads(request: Request, fn: Callable[[], T]) -> T:
+    """``fn()`` in a thread of the app's status pool: the blocking calls of ``/health`` and
+    ``/metrics`` (the scheduler, the job store) never queue behind other routes."""
+    return await anyio.to_thread.run_sync(fn, limiter=request.app.state.status_limiter)
 
 
 # ------------------------------------------------------------------------- errors

@@ -39,7 +39,8 @@ def encode(
     ------
     ValueError
         If the rows do not have the model's input size, they ask for more than ``max_values``
-        output values, or the outputs overflow.
+        output values, they hold NaN or infinities, or the computation overflows (in any
+        layer, even one whose units saturate to finite values).
     """
     net, theta = load_model(model_path)
     per_row = max(net.sizes[1:-1], default=0) + net.sizes[-1]
@@ -48,12 +49,23 @@ def encode(
             f"X: {len(X)} rows x {per_row} values per row exceed the limit of {max_values}; "
             "send fewer rows per request"
         )
-    A = np.asarray(X, dtype=np.float64)
     n = net.sizes[0]
+    short = next((i for i, row in enumerate(X) if len(row) != n), None)
+    if short is not None:
+        raise ValueError(f"X: the model takes rows of {n} values, row {short} has {len(X[short])}")
+    A = np.asarray(X, dtype=np.float64)
     if A.ndim != 2 or A.shape[1] != n:
         raise ValueError(f"X: the model takes rows of {n} values, got shape {list(A.shape)}")
-    code = sae_deep.encode(net, theta, A)
-    recon = sae_deep.reconstruct(net, theta, A)
-    if not (np.all(np.isfinite(code)) and np.all(np.isfinite(recon))):
+    if not np.all(np.isfinite(A)):
+        raise ValueError("X: values must be finite numbers (no NaN or infinity)")
+    try:
+        # an overflow anywhere (inputs times weights beyond the float range, say) is an error,
+        # not the saturated units it would leave behind; sigmoid's own saturation is not one
+        with np.errstate(over="raise", invalid="raise"):
+            code = sae_deep.encode(net, theta, A)
+            recon = sae_deep.reconstruct(net, theta, A)
+    except FloatingPointError:
+        code = recon = None
+    if code is None or not (np.all(np.isfinite(code)) and np.all(np.isfinite(recon))):
         raise ValueError("X: values too large, the features overflow")
     return code.tolist(), recon.tolist()
