@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from service import datasets
+from service.faults import is_store_error, job_failure
 from service.settings import Settings
 from service.store import Job, JobStore
 from worker import schedule
@@ -93,6 +94,9 @@ class Runner:
         self._cluster_error: str | None = None
         self._exit = contextlib.ExitStack()
         self.dashboard_url: str | None = settings.public_dashboard_url
+        # outcomes of ended jobs that the store could not record (a full disk), retried by
+        # the dispatcher every second until they are written: (job id, expected, new, fields)
+        self._pending: list[tuple[str, list[str], str, dict[str, Any]]] = []
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -192,6 +196,7 @@ class Runner:
         while not self._shutdown.is_set():
             self._wake.clear()
             try:
+                self._flush_pending()
                 self._fill_slots()
             except Exception:  # noqa: BLE001 - keep dispatching
                 log.exception("dispatcher")
@@ -222,6 +227,38 @@ class Runner:
                 self._active[job.id] = active
             active.thread.start()
 
+    def _record(self, job_id: str, expected: list[str], new: str, **fields: Any) -> None:
+        """Change a job's status; if the store cannot write now (a full disk), keep the change
+        to retry, so the job's slot is freed anyway and its outcome lands once it can."""
+        try:
+            self.store.transition(job_id, expected, new, **fields)
+        except Exception as exc:
+            if not is_store_error(exc):
+                raise
+            log.warning("job %s: cannot record %s now (%s); will retry", job_id, new, exc)
+            with self._lock:
+                self._pending.append((job_id, expected, new, fields))
+
+    def _flush_pending(self) -> None:
+        """Write the outcomes the store refused earlier, oldest first; keep what fails."""
+        with self._lock:
+            pending, self._pending = self._pending, []
+        for i, (job_id, expected, new, fields) in enumerate(pending):
+            try:
+                self.store.transition(job_id, expected, new, **fields)
+            except Exception as exc:
+                if not is_store_error(exc):
+                    raise
+                with self._lock:
+                    self._pending[:0] = pending[i:]
+                return
+            log.info("job %s: recorded %s", job_id, new)
+
+    def pending_outcomes(self) -> int:
+        """How many ended jobs wait for their outcome to be written (a full disk)."""
+        with self._lock:
+            return len(self._pending)
+
     # -- control ----------------------------------------------------------------------------
 
     def cancel(self, job_id: str) -> Job | None:
@@ -240,9 +277,22 @@ class Runner:
         return job
 
     def delete(self, job_id: str) -> bool:
-        """Cancel a job if needed, forget it, and remove its folder."""
-        self.cancel(job_id)
-        gone = self.store.delete(job_id)
+        """Cancel a job if needed, forget it, and remove its folder.
+
+        On a full disk the store cannot write even a deletion: the folder of a job this
+        process is not running is removed first (freeing its space), then the record.
+        """
+        try:
+            self.cancel(job_id)
+            gone = self.store.delete(job_id)
+        except Exception as exc:
+            with self._lock:
+                running = job_id in self._active
+            if not is_store_error(exc) or running or self.store.get(job_id) is None:
+                raise
+            shutil.rmtree(self.job_dir(job_id), ignore_errors=True)
+            self.cancel(job_id)
+            gone = self.store.delete(job_id)
         with self._lock:
             running = job_id in self._active
         if not running:
@@ -300,6 +350,8 @@ class Runner:
         label, before = stage_of(entry, spec, active.steps_rows)
         stage_max = spec.stage_iterations(active.steps_rows, finetune=label == "fine-tune")
         total = max(spec.total_iterations(active.steps_rows), 1)
+        if self._pending:  # the store could not write a moment ago: try again first
+            self._flush_pending()
         done = min(before + it, total)
         if active.first_done is None:
             active.first_done, active.t0 = done, time.monotonic()
@@ -308,20 +360,41 @@ class Runner:
         if ran > 0:
             rate = (time.monotonic() - active.t0) / ran
             eta = rate * (total - done)
-        still_running = self.store.update_progress(
-            active.job.id,
-            iteration=it,
-            max_iter=stage_max,
-            cost=_num(entry, "cost"),
-            grad_norm=_num(entry, "grad_norm"),
-            stage=label,
-            progress=done / total,
-            eta_seconds=eta,
-        )
+        try:
+            still_running = self.store.update_progress(
+                active.job.id,
+                iteration=it,
+                max_iter=stage_max,
+                cost=_num(entry, "cost"),
+                grad_norm=_num(entry, "grad_norm"),
+                stage=label,
+                progress=done / total,
+                eta_seconds=eta,
+            )
+        except Exception as exc:
+            if not is_store_error(exc):
+                raise
+            # the checkpoint, not the status row, is what a resume continues: keep training
+            log.warning("job %s: cannot record iteration %d now: %s", active.job.id, it, exc)
+            return
         if not still_running:  # cancelled or deleted by someone we did not hear from
             active.cancel.set()
 
     def _run(self, active: _Active) -> None:
+        try:
+            self._run_job(active)
+        finally:  # whatever happened, the slot is free and the dispatcher is woken
+            with self._lock:
+                self._active.pop(active.job.id, None)
+            with contextlib.suppress(Exception):
+                if self.store.get(active.job.id) is None:  # deleted while it ran
+                    shutil.rmtree(self.job_dir(active.job.id), ignore_errors=True)
+            self.notify()
+
+    def _roots(self) -> tuple[Path, Path]:
+        return (self.settings.data_root, self.settings.state_dir)
+
+    def _run_job(self, active: _Active) -> None:
         job = active.job
         out_dir = self.job_dir(job.id)
         try:
@@ -355,38 +428,32 @@ class Runner:
             if not spec.is_deep and isinstance(iterations, int):
                 # the last checkpoint's figures: a cancelled job's optimizer may have done a few
                 # iterations after the cancel reached the store (and stopped recording them)
-                self.store.update_progress(
-                    job.id,
-                    statuses=("running", "cancelled"),
-                    iteration=iterations,
-                    cost=getattr(result, "final_cost", None),
-                )
+                with contextlib.suppress(Exception):  # figures only: a full disk loses them
+                    self.store.update_progress(
+                        job.id,
+                        statuses=("running", "cancelled"),
+                        iteration=iterations,
+                        cost=getattr(result, "final_cost", None),
+                    )
             if status == "succeeded":
-                self.store.transition(job.id, ["running"], "succeeded", progress=1.0)
+                self._record(job.id, ["running"], "succeeded", progress=1.0)
             elif active.cancel.is_set():
-                self.store.transition(job.id, ["running"], "cancelled")
+                self._record(job.id, ["running"], "cancelled")
             elif self._shutdown.is_set():
-                self.store.transition(job.id, ["running"], "queued")
+                self._record(job.id, ["running"], "queued")
             else:
-                self.store.transition(
+                self._record(
                     job.id, ["running"], "failed", error=f"training ended with status {status!r}"
                 )
         except Exception as exc:  # noqa: BLE001 - recorded on the job
             if self._shutdown.is_set() and not active.cancel.is_set():
                 log.warning("job %s interrupted by shutdown: %s", job.id, exc)
-                self.store.transition(job.id, ["running"], "queued")
+                self._record(job.id, ["running"], "queued")
             else:
                 log.exception("job %s failed", job.id)
-                self.store.transition(
-                    job.id, ["running"], "failed", error=f"{type(exc).__name__}: {exc}"
-                )
+                self._record(job.id, ["running"], "failed", error=job_failure(exc, self._roots()))
         finally:
             if not self._shutdown.is_set():  # never leave a job running with nobody on it
-                self.store.transition(
+                self._record(
                     job.id, ["running"], "failed", error="the runner ended without a result"
                 )
-            with self._lock:
-                self._active.pop(job.id, None)
-            if self.store.get(job.id) is None:
-                shutil.rmtree(out_dir, ignore_errors=True)
-            self.notify()

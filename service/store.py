@@ -22,7 +22,11 @@ from typing import Any
 STATUSES = ("queued", "running", "succeeded", "failed", "cancelled")
 TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
-MAX_ATTEMPTS = 3  # a job found running this many times after restarts fails
+#: A job whose runs ended this many times in a row by a crash of the service, each without
+#: progress (no new iteration recorded), fails instead of being started again: it is likely
+#: what brings the service down. A run that made progress, or a clean stop, starts the count
+#: again.
+MAX_CRASHES = 3
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
@@ -44,10 +48,21 @@ CREATE TABLE IF NOT EXISTS jobs (
     progress REAL NOT NULL DEFAULT 0,
     eta_seconds REAL,
     error TEXT,
-    attempts INTEGER NOT NULL DEFAULT 0
+    attempts INTEGER NOT NULL DEFAULT 0,
+    crashes INTEGER NOT NULL DEFAULT 0,
+    claim_mark TEXT
 );
 CREATE INDEX IF NOT EXISTS jobs_status ON jobs (status, seq);
 """
+
+#: Columns added after the first release, with their definitions (added to older stores).
+_ADDED_COLUMNS = {
+    "crashes": "INTEGER NOT NULL DEFAULT 0",
+    "claim_mark": "TEXT",
+}
+
+#: Where a job is: its stage and iteration (compared at a crash with the mark of its claim).
+_MARK = "COALESCE(stage, '') || ':' || iteration"
 
 _PROGRESS_FIELDS = (
     "iteration",
@@ -86,6 +101,8 @@ class Job:
     eta_seconds: float | None
     error: str | None
     attempts: int
+    crashes: int = 0
+    claim_mark: str | None = None
 
     @classmethod
     def from_row(cls, row: sqlite3.Row) -> Job:
@@ -118,7 +135,12 @@ class JobStore:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._local = threading.local()
-        self._conn().executescript(_SCHEMA)
+        conn = self._conn()
+        conn.executescript(_SCHEMA)
+        have = {r["name"] for r in conn.execute("PRAGMA table_info(jobs)")}
+        for name, definition in _ADDED_COLUMNS.items():
+            if name not in have:  # a store written by an older release
+                conn.execute(f"ALTER TABLE jobs ADD COLUMN {name} {definition}")
 
     def _conn(self) -> sqlite3.Connection:
         conn = getattr(self._local, "conn", None)
@@ -277,7 +299,7 @@ class JobStore:
 
         Compare-and-set like :meth:`transition`. ``spec`` (a changed ``max_iter``) and
         ``max_iter`` (of the first stage) replace the job's; its crash budget starts again
-        (``attempts`` is 1, so the next run resumes its checkpoint).
+        (``crashes`` is 0; ``attempts`` is 1, so the next run resumes its checkpoint).
 
         Returns
         -------
@@ -291,6 +313,7 @@ class JobStore:
             "eta_seconds": None,
             "error": None,
             "attempts": 1,
+            "crashes": 0,
         }
         if spec is not None:
             sets["spec"] = json.dumps(spec)
@@ -320,7 +343,7 @@ class JobStore:
                 return None
             db.execute(
                 "UPDATE jobs SET status = 'running', attempts = attempts + 1, updated_at = ?,"
-                " started_at = COALESCE(started_at, ?), error = NULL"
+                f" started_at = COALESCE(started_at, ?), error = NULL, claim_mark = {_MARK}"
                 " WHERE id = ? AND status = 'queued'",
                 (now, now, row["id"]),
             )
@@ -349,11 +372,14 @@ class JobStore:
                 > 0
             )
 
-    def requeue_running(self, max_attempts: int = MAX_ATTEMPTS) -> list[str]:
+    def requeue_running(self, max_crashes: int = MAX_CRASHES) -> list[str]:
         """Put every ``running`` job back in the queue (nobody runs them after a restart).
 
-        A job already started ``max_attempts`` times fails instead: a job that brings the
-        process down would otherwise restart it forever.
+        Each such job's run ended by a crash of the service. A run that made progress (a new
+        iteration or stage recorded since it was claimed) starts the job's crash count again;
+        one that made none adds one to it, and a job at ``max_crashes`` fails instead of
+        restarting: a job that brings the process down would otherwise restart it forever.
+        Clean stops never count (they put their jobs back in the queue themselves).
 
         Returns
         -------
@@ -362,26 +388,36 @@ class JobStore:
         """
         now = time.time()
         with self._tx() as db:
-            rows = db.execute("SELECT id, attempts FROM jobs WHERE status = 'running'").fetchall()
-            ids = [r["id"] for r in rows if r["attempts"] < max_attempts]
+            rows = db.execute(
+                f"SELECT id, crashes, claim_mark, {_MARK} AS mark FROM jobs"
+                " WHERE status = 'running'"
+            ).fetchall()
+            ids = []
             for r in rows:
-                if r["attempts"] >= max_attempts:
+                progressed = r["claim_mark"] is None or r["mark"] != r["claim_mark"]
+                crashes = 0 if progressed else int(r["crashes"]) + 1
+                if crashes >= max_crashes:
                     db.execute(
                         "UPDATE jobs SET status = 'failed', updated_at = ?, finished_at = ?,"
-                        " eta_seconds = NULL, error = ? WHERE id = ? AND status = 'running'",
+                        " eta_seconds = NULL, crashes = ?, error = ?"
+                        " WHERE id = ? AND status = 'running'",
                         (
                             now,
                             now,
-                            f"interrupted {r['attempts']} times (the service stopped while it"
-                            " ran); not restarted again",
+                            crashes,
+                            f"the service crashed {crashes} times in a row while this job ran,"
+                            " each time before it made progress; not restarted again"
+                            " (POST /jobs/ID/retry, or sae retry ID, runs it again)",
                             r["id"],
                         ),
                     )
-            db.execute(
-                "UPDATE jobs SET status = 'queued', updated_at = ?, eta_seconds = NULL"
-                " WHERE status = 'running'",
-                (now,),
-            )
+                else:
+                    ids.append(r["id"])
+                    db.execute(
+                        "UPDATE jobs SET status = 'queued', updated_at = ?, eta_seconds = NULL,"
+                        " crashes = ? WHERE id = ? AND status = 'running'",
+                        (now, crashes, r["id"]),
+                    )
         return ids
 
     def close(self) -> None:

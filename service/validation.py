@@ -11,6 +11,7 @@ import os
 
 from service import datasets
 from service.errors import clean_message
+from service.faults import redact_paths
 from service.store import ACTIVE, JobStore
 from worker import schedule
 from worker.spec import TrainSpec
@@ -77,7 +78,8 @@ def check_spec(spec: TrainSpec, data_root: str | os.PathLike) -> list[tuple[str,
             try:
                 vr = datasets.value_range(path, info)
             except Exception as exc:  # noqa: BLE001 - an unreadable dataset is the dataset's fault
-                return [("dataset", f"dataset: cannot be read ({exc})")]
+                why = redact_paths(str(exc), [data_root])  # the chunk, not the server's path
+                return [("dataset", f"dataset: cannot be read ({why})")]
             schedule.check_output_range(spec, vr)
     except ValueError as exc:
         return [(_field_of(str(exc), "hidden"), str(exc))]

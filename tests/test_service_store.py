@@ -102,15 +102,64 @@ def test_settings_from_environment(monkeypatch, tmp_path):
     assert Settings(token="u").token == "u"  # arguments win over the environment
 
 
-def test_a_job_interrupted_three_times_fails(store):
+def test_a_job_crashing_three_times_without_progress_fails(store):
     job, _ = store.create({"dataset": "d"}, 10)
     for attempt in (1, 2):
         assert store.claim_next().attempts == attempt
         assert store.requeue_running() == [job.id]  # the process died while it ran
         assert store.get(job.id).status == "queued"
+        assert store.get(job.id).crashes == attempt
     assert store.claim_next().attempts == 3
     assert store.requeue_running() == []
     failed = store.get(job.id)
     assert failed.status == "failed" and failed.finished_at is not None
-    assert "interrupted 3 times" in failed.error
+    assert "crashed 3 times in a row" in failed.error and "retry" in failed.error
     assert store.claim_next() is None
+    # a retry (POST /jobs/ID/retry) gives it a fresh budget and resumes its checkpoint
+    again = store.resume(job.id)
+    assert again.status == "queued" and again.crashes == 0 and again.attempts == 1
+
+
+def test_crashes_after_progress_and_clean_stops_do_not_use_up_the_budget(store):
+    job, _ = store.create({"dataset": "d"}, 100)
+    for it in range(1, 8):  # seven crashes, each after the run made an iteration of progress
+        store.claim_next()
+        assert store.update_progress(job.id, iteration=it, progress=it / 100)
+        assert store.requeue_running() == [job.id]
+        assert store.get(job.id).crashes == 0
+    for _ in range(5):  # five clean stops (SIGTERM): the runner queues its jobs itself
+        store.claim_next()
+        assert store.transition(job.id, ["running"], "queued") is not None
+    assert store.get(job.id).crashes == 0 and store.get(job.id).attempts == 12
+    store.claim_next()  # a deep job moving to its next stage is progress too
+    store.update_progress(job.id, iteration=7, stage="fine-tune")
+    assert store.requeue_running() == [job.id] and store.get(job.id).crashes == 0
+    for n in (1, 2):  # then crashes without progress count again, from zero
+        store.claim_next()
+        assert store.requeue_running() == [job.id] and store.get(job.id).crashes == n
+    store.claim_next()
+    assert store.requeue_running() == [] and store.get(job.id).status == "failed"
+
+
+def test_an_older_store_gains_the_crash_columns(tmp_path):
+    import sqlite3
+
+    path = tmp_path / "old.db"
+    conn = sqlite3.connect(path)
+    conn.executescript(
+        "CREATE TABLE jobs (seq INTEGER PRIMARY KEY AUTOINCREMENT, id TEXT UNIQUE NOT NULL,"
+        " status TEXT NOT NULL, spec TEXT NOT NULL, spec_hash TEXT NOT NULL,"
+        " idempotency_key TEXT UNIQUE, created_at REAL NOT NULL, updated_at REAL NOT NULL,"
+        " started_at REAL, finished_at REAL, iteration INTEGER NOT NULL DEFAULT 0,"
+        " max_iter INTEGER NOT NULL DEFAULT 0, cost REAL, grad_norm REAL, stage TEXT,"
+        " progress REAL NOT NULL DEFAULT 0, eta_seconds REAL, error TEXT,"
+        " attempts INTEGER NOT NULL DEFAULT 0);"
+        "INSERT INTO jobs (id, status, spec, spec_hash, created_at, updated_at, attempts)"
+        " VALUES ('old', 'running', '{}', 'h', 0, 0, 2);"
+    )
+    conn.commit()
+    conn.close()
+    store = JobStore(path)
+    assert store.get("old").crashes == 0
+    assert store.requeue_running() == ["old"]  # claimed before the upgrade: not counted
+    assert store.claim_next().id == "old"

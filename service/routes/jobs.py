@@ -169,6 +169,16 @@ def resume(
         return job_out(jobs.resume(job_id, max_iter, store=store, runner=runner), runner)
 
 
+@router.post(
+    "/jobs/{job_id}/retry", response_model=JobOut, status_code=202, responses={**R404, **R409}
+)
+def retry(job_id: JobId, store: StoreDep, runner: RunnerDep) -> JobOut:
+    """Run a failed job again from its last checkpoint (after a full disk, a lost cluster or
+    the crash budget), with a fresh crash budget; 409 if the job has not failed."""
+    with refusals():
+        return job_out(jobs.retry(job_id, store=store, runner=runner), runner)
+
+
 @router.delete("/jobs/{job_id}", status_code=204, responses={**R404})
 def delete_job(job_id: JobId, runner: RunnerDep) -> Response:
     """Cancel a job if needed and delete it with its artifacts."""
