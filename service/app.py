@@ -71,7 +71,7 @@ class RedactTokens(logging.Filter):
     _PATTERN = re.compile(r"(token=)[^&\s\"']*", re.IGNORECASE)
     #: A parameter's name (after ``?`` or ``&``) and its ``=``; the value runs to ``_VALUE``'s end.
     _NAME = re.compile(r"[?&]([^?&=\s\"']+)=")
-    _VALUE = re.compile(r"[^&\s\"']*")
+    _VALUE = re.compile(r"[^&\s]*")  # a quote may be part of a value: redact through it
 
     @classmethod
     def redact(cls, text: str) -> str:

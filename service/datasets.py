@@ -426,6 +426,10 @@ def decompression_limit(
     return max(1, limit)
 
 
+class _WriteError(Exception):
+    """Wraps an OSError of writing the decompressed copy (told apart from reading errors)."""
+
+
 def _gunzip(src: Path, max_bytes: int, max_inflated: int | None = None) -> Path:
     """Decompress ``src`` next to itself in 1 MiB steps, refusing (as it streams) more than
     ``max_bytes`` (the largest dataset: ValueError) or ``max_inflated`` (the most an upload
@@ -443,7 +447,13 @@ def _gunzip(src: Path, max_bytes: int, max_inflated: int | None = None) -> Path:
                         f"file: decompresses to more than {max_inflated} bytes, the most an "
                         "upload may decompress to (max_decompressed_bytes)"
                     )
-                fout.write(block)
+                try:
+                    fout.write(block)
+                except OSError as exc:  # our disk, not the upload: raised as it is (507)
+                    raise _WriteError(exc) from exc
+    except _WriteError as exc:
+        out.unlink(missing_ok=True)
+        raise exc.__cause__ from None
     except (OSError, EOFError, zlib.error) as exc:
         out.unlink(missing_ok=True)
         raise ValueError(f"file: cannot decompress the upload ({exc})") from None

@@ -15,7 +15,6 @@ from collections.abc import Iterable
 from pathlib import Path
 
 _FULL_ERRNOS = {errno.ENOSPC, errno.EDQUOT}
-_SQLITE_FULL = ("database or disk is full", "disk i/o error")
 
 
 def is_disk_full(exc: BaseException) -> bool:
@@ -26,8 +25,9 @@ def is_disk_full(exc: BaseException) -> bool:
         seen.add(id(e))
         if isinstance(e, OSError) and e.errno in _FULL_ERRNOS:
             return True
-        if isinstance(e, sqlite3.OperationalError) and any(
-            s in str(e).lower() for s in _SQLITE_FULL
+        if (
+            isinstance(e, sqlite3.Error)
+            and getattr(e, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL
         ):
             return True
         e = e.__cause__ or e.__context__
@@ -75,10 +75,10 @@ async def storage_error(request, exc: Exception):
             {"detail": "storage: the service's disk is full; free space and try again"},
             status_code=507,
         )
-    if isinstance(exc, sqlite3.Error):
+    if isinstance(exc, sqlite3.OperationalError) and "locked" in str(exc).lower():
         return JSONResponse(
-            {"detail": "storage: the job store cannot be written now; try again"},
+            {"detail": "storage: the job store is busy; try again"},
             status_code=503,
             headers={"Retry-After": "5"},
         )
-    raise exc
+    raise exc  # a broken disk or store: a 500, logged with its traceback

@@ -7,11 +7,12 @@ Each function refuses with a small exception that the routes answer as an HTTP e
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 from service import encoding, validation
-from service.store import IdempotencyConflict, Job, JobStore
+from service.store import TERMINAL, IdempotencyConflict, Job, JobStore
 from worker.spec import TrainSpec
 
 if TYPE_CHECKING:
@@ -129,7 +130,43 @@ def cancel(job_id: str, *, store: JobStore, runner: Runner) -> Job:
     return job
 
 
-def resume(job_id: str, max_iter: int | None, *, store: JobStore, runner: Runner) -> Job:
+def _requeue(
+    job: Job,
+    spec: dict | None,
+    max_iter: int | None,
+    expected: tuple[str, ...],
+    *,
+    store: JobStore,
+    data_root: str | Path | None,
+) -> Job:
+    """Queue a finished job again if its datasets are still there; under their guard, so a
+    deletion of them comes wholly before (409) or sees the queued job (and refuses)."""
+    from service.datasets import BadName, NotFound, get_dataset, guard
+
+    names = (job.spec.get("dataset"), job.spec.get("validation_dataset"))
+    with guard(data_root, *names) if data_root is not None else contextlib.nullcontext():
+        if data_root is not None:
+            for field, name in zip(("dataset", "validation_dataset"), names, strict=True):
+                if name is None:
+                    continue
+                try:
+                    get_dataset(data_root, name)
+                except (BadName, NotFound):
+                    raise Conflict(f"{field}: {name!r} no longer exists") from None
+        queued = store.resume(job.id, spec, max_iter, expected=expected)
+    if queued is None:  # its status changed meanwhile
+        raise Conflict(f"status: job {job.id} is {_get(store, job.id).status}")
+    return queued
+
+
+def resume(
+    job_id: str,
+    max_iter: int | None,
+    *,
+    store: JobStore,
+    runner: Runner,
+    data_root: str | Path | None = None,
+) -> Job:
     """Queue a cancelled, failed or finished job again, to continue from its last checkpoint.
 
     Parameters
@@ -163,14 +200,14 @@ def resume(job_id: str, max_iter: int | None, *, store: JobStore, runner: Runner
             raise Invalid(field, msg)
         raise Conflict(f"{field}: {msg}")
     spec = {**job.spec, "max_iter": max_iter} if max_iter is not None else None
-    queued = store.resume(job_id, spec, max_iter)
-    if queued is None:  # its status changed meanwhile
-        raise Conflict(f"status: job {job_id} is {_get(store, job_id).status}")
+    queued = _requeue(job, spec, max_iter, TERMINAL, store=store, data_root=data_root)
     runner.notify()
     return queued
 
 
-def retry(job_id: str, *, store: JobStore, runner: Runner) -> Job:
+def retry(
+    job_id: str, *, store: JobStore, runner: Runner, data_root: str | Path | None = None
+) -> Job:
     """Run a failed job again, from its last checkpoint, with a fresh crash budget.
 
     Raises
@@ -188,9 +225,7 @@ def retry(job_id: str, *, store: JobStore, runner: Runner) -> Job:
             else ""
         )
         raise Conflict(f"status: job {job_id} is {job.status}, not failed{hint}")
-    queued = store.resume(job_id)
-    if queued is None:  # its status changed meanwhile
-        raise Conflict(f"status: job {job_id} is {_get(store, job_id).status}")
+    queued = _requeue(job, None, None, ("failed",), store=store, data_root=data_root)
     runner.notify()
     return queued
 

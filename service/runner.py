@@ -86,6 +86,9 @@ class Runner:
         self.store = store
         self._train_fn = train_fn
         self._active: dict[str, _Active] = {}
+        # the ids of _active, replaced (never changed) under the lock: read without it, so a
+        # probe never waits for the lock, which is held across store writes
+        self._running: tuple[str, ...] = ()
         self._lock = threading.Lock()
         self._wake = threading.Event()
         self._shutdown = threading.Event()
@@ -95,8 +98,12 @@ class Runner:
         self._exit = contextlib.ExitStack()
         self.dashboard_url: str | None = settings.public_dashboard_url
         # outcomes of ended jobs that the store could not record (a full disk), retried by
-        # the dispatcher every second until they are written: (job id, expected, new, fields)
-        self._pending: list[tuple[str, list[str], str, dict[str, Any]]] = []
+        # the dispatcher every second until they are written: (job id, expected, new, run,
+        # fields); ``run`` is the job's ``attempts`` when it ended, so the outcome of an old
+        # run never lands on a newer run of the same job
+        self._pending: list[tuple[str, list[str], str, int | None, dict[str, Any]]] = []
+        self._pending_lock = threading.Lock()
+        self._flushing = threading.Lock()
 
     # -- lifecycle ------------------------------------------------------------------------
 
@@ -116,23 +123,33 @@ class Runner:
         return requeued
 
     def stop(self, timeout: float = 60.0) -> None:
-        """Interrupt running jobs (they go back to the queue), then close the client."""
+        """Interrupt running jobs (they go back to the queue), then close the client.
+
+        Outcomes the store could not write yet are tried once more; what still cannot be
+        written is logged (those jobs are found ``running`` at the next start and resumed).
+        """
         self._shutdown.set()
         self._wake.set()
-        if self._dispatcher is not None:
-            self._dispatcher.join(timeout)
-        with self._lock:
-            active = list(self._active.values())
-        for a in active:
-            if a.thread is not None:
-                a.thread.join(timeout)
-        for job_id in self.running_ids():  # threads that did not stop in time
-            self.store.transition(job_id, ["running"], "queued")
         try:
-            self._exit.close()
-        except Exception:  # noqa: BLE001 - closing is best effort
-            log.exception("closing the Dask client")
-        self.store.close()
+            if self._dispatcher is not None:
+                self._dispatcher.join(timeout)
+            with self._lock:
+                active = list(self._active.values())
+            for a in active:
+                if a.thread is not None:
+                    a.thread.join(timeout)
+            for job_id in self.running_ids():  # threads that did not stop in time
+                self._record(job_id, ["running"], "queued", crashes=0)
+            with contextlib.suppress(Exception):
+                self._flush_pending()
+            for job_id, _, new, _, _ in self._pending:
+                log.error("job %s: could not record %s before stopping", job_id, new)
+        finally:
+            try:
+                self._exit.close()
+            except Exception:  # noqa: BLE001 - closing is best effort
+                log.exception("closing the Dask client")
+            self.store.close()
 
     def _connect(self) -> Any:
         from worker.cluster import dashboard_link, get_client
@@ -225,38 +242,53 @@ class Runner:
                     target=self._run, args=(active,), name=f"sae-job-{job.id}", daemon=True
                 )
                 self._active[job.id] = active
+                self._running = tuple(self._active)
             active.thread.start()
 
-    def _record(self, job_id: str, expected: list[str], new: str, **fields: Any) -> None:
-        """Change a job's status; if the store cannot write now (a full disk), keep the change
-        to retry, so the job's slot is freed anyway and its outcome lands once it can."""
+    def _record(
+        self, job_id: str, expected: list[str], new: str, run: int | None = None, **fields: Any
+    ) -> None:
+        """Change a job's status (of its run ``run``, its ``attempts``, when given); if the
+        store cannot write now (a full disk), keep the change to retry, so the job's slot is
+        freed anyway and its outcome lands once it can."""
         try:
-            self.store.transition(job_id, expected, new, **fields)
+            self.store.transition(job_id, expected, new, run=run, **fields)
         except Exception as exc:
             if not is_store_error(exc):
                 raise
             log.warning("job %s: cannot record %s now (%s); will retry", job_id, new, exc)
-            with self._lock:
-                self._pending.append((job_id, expected, new, fields))
+            with self._pending_lock:
+                self._pending.append((job_id, expected, new, run, fields))
 
     def _flush_pending(self) -> None:
-        """Write the outcomes the store refused earlier, oldest first; keep what fails."""
-        with self._lock:
-            pending, self._pending = self._pending, []
-        for i, (job_id, expected, new, fields) in enumerate(pending):
-            try:
-                self.store.transition(job_id, expected, new, **fields)
-            except Exception as exc:
-                if not is_store_error(exc):
-                    raise
-                with self._lock:
-                    self._pending[:0] = pending[i:]
-                return
-            log.info("job %s: recorded %s", job_id, new)
+        """Write the outcomes the store refused earlier, oldest first; keep what fails.
+
+        One thread at a time (the dispatcher, or a job thread after an iteration), so an
+        outcome is never written twice nor overtaken by a later one of the same job.
+        """
+        if not self._pending or not self._flushing.acquire(blocking=False):
+            return
+        try:
+            while True:
+                with self._pending_lock:
+                    if not self._pending:
+                        return
+                    job_id, expected, new, run, fields = self._pending[0]
+                try:
+                    self.store.transition(job_id, expected, new, run=run, **fields)
+                except Exception as exc:
+                    if is_store_error(exc):
+                        return  # still cannot write: keep it, and what follows, for later
+                    log.exception("job %s: dropping the outcome %s", job_id, new)
+                with self._pending_lock:
+                    self._pending.pop(0)
+                log.info("job %s: recorded %s", job_id, new)
+        finally:
+            self._flushing.release()
 
     def pending_outcomes(self) -> int:
         """How many ended jobs wait for their outcome to be written (a full disk)."""
-        with self._lock:
+        with self._pending_lock:
             return len(self._pending)
 
     # -- control ----------------------------------------------------------------------------
@@ -304,9 +336,8 @@ class Runner:
         return self.settings.jobs_dir / job_id
 
     def running_ids(self) -> list[str]:
-        """Ids of the jobs this process is running."""
-        with self._lock:
-            return list(self._active)
+        """Ids of the jobs this process is running (never waits for the runner's lock)."""
+        return list(self._running)
 
     def training_figures(self) -> dict[str, dict[str, Any]]:
         """Per running job, the figures of its last iteration: ``iteration``, ``cost``,
@@ -386,6 +417,7 @@ class Runner:
         finally:  # whatever happened, the slot is free and the dispatcher is woken
             with self._lock:
                 self._active.pop(active.job.id, None)
+                self._running = tuple(self._active)
             with contextlib.suppress(Exception):
                 if self.store.get(active.job.id) is None:  # deleted while it ran
                     shutil.rmtree(self.job_dir(active.job.id), ignore_errors=True)
@@ -397,6 +429,7 @@ class Runner:
     def _run_job(self, active: _Active) -> None:
         job = active.job
         out_dir = self.job_dir(job.id)
+        recorded = False
         try:
             spec = TrainSpec(**job.spec)
             path, info = datasets.get_dataset(self.settings.data_root, spec.dataset)
@@ -435,25 +468,29 @@ class Runner:
                         iteration=iterations,
                         cost=getattr(result, "final_cost", None),
                     )
+            run = job.attempts
+            recorded = True  # from here on an outcome is recorded (or kept for later)
             if status == "succeeded":
-                self._record(job.id, ["running"], "succeeded", progress=1.0)
+                self._record(job.id, ["running"], "succeeded", run, progress=1.0)
             elif active.cancel.is_set():
-                self._record(job.id, ["running"], "cancelled")
+                self._record(job.id, ["running"], "cancelled", run)
             elif self._shutdown.is_set():
-                self._record(job.id, ["running"], "queued")
+                self._record(job.id, ["running"], "queued", run, crashes=0)
             else:
-                self._record(
-                    job.id, ["running"], "failed", error=f"training ended with status {status!r}"
-                )
+                error = f"training ended with status {status!r}"
+                self._record(job.id, ["running"], "failed", run, error=error)
         except Exception as exc:  # noqa: BLE001 - recorded on the job
+            recorded = True
             if self._shutdown.is_set() and not active.cancel.is_set():
                 log.warning("job %s interrupted by shutdown: %s", job.id, exc)
-                self._record(job.id, ["running"], "queued")
+                self._record(job.id, ["running"], "queued", job.attempts, crashes=0)
             else:
                 log.exception("job %s failed", job.id)
-                self._record(job.id, ["running"], "failed", error=job_failure(exc, self._roots()))
+                error = job_failure(exc, self._roots())
+                self._record(job.id, ["running"], "failed", job.attempts, error=error)
         finally:
-            if not self._shutdown.is_set():  # never leave a job running with nobody on it
-                self._record(
-                    job.id, ["running"], "failed", error="the runner ended without a result"
-                )
+            # never leave a job running with nobody on it (but never overwrite an outcome
+            # kept for later: it lands when the store can write)
+            if not recorded and not self._shutdown.is_set():
+                error = "the runner ended without a result"
+                self._record(job.id, ["running"], "failed", job.attempts, error=error)

@@ -24,8 +24,8 @@ TERMINAL = ("succeeded", "failed", "cancelled")
 ACTIVE = ("queued", "running")
 #: A job whose runs ended this many times in a row by a crash of the service, each without
 #: progress (no new iteration recorded), fails instead of being started again: it is likely
-#: what brings the service down. A run that made progress, or a clean stop, starts the count
-#: again.
+#: what brings the service down. A run that made progress, or that ended by a clean stop of
+#: the service (the runner then sets ``crashes`` to 0), starts the count again.
 MAX_CRASHES = 3
 
 _SCHEMA = """
@@ -263,9 +263,16 @@ class JobStore:
     # -- status changes ----------------------------------------------------------------------
 
     def transition(
-        self, job_id: str, expected: Iterable[str], new: str, **fields: Any
+        self,
+        job_id: str,
+        expected: Iterable[str],
+        new: str,
+        run: int | None = None,
+        **fields: Any,
     ) -> Job | None:
-        """Compare-and-set the status: change it to ``new`` only if it is one of ``expected``.
+        """Compare-and-set the status: change it to ``new`` only if it is one of ``expected``
+        (and, with ``run``, only if the job's ``attempts`` is ``run``: the outcome of one run
+        never lands on a later run of the job).
 
         Returns
         -------
@@ -283,23 +290,29 @@ class JobStore:
             sets.setdefault("finished_at", now)
             sets.setdefault("eta_seconds", None)
         cols = ", ".join(f"{k} = ?" for k in sets)
+        same_run = "" if run is None else " AND attempts = ?"
         with self._tx() as db:
             n = db.execute(
                 f"UPDATE jobs SET {cols} WHERE id = ? AND status IN"
-                f" ({','.join('?' * len(expected))})",
-                [*sets.values(), job_id, *expected],
+                f" ({','.join('?' * len(expected))}){same_run}",
+                [*sets.values(), job_id, *expected, *([] if run is None else [run])],
             ).rowcount
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if n else None
         return Job.from_row(row) if row else None
 
     def resume(
-        self, job_id: str, spec: dict[str, Any] | None = None, max_iter: int | None = None
+        self,
+        job_id: str,
+        spec: dict[str, Any] | None = None,
+        max_iter: int | None = None,
+        expected: Iterable[str] = TERMINAL,
     ) -> Job | None:
         """Queue a cancelled, failed or succeeded job again; it continues from its checkpoint.
 
-        Compare-and-set like :meth:`transition`. ``spec`` (a changed ``max_iter``) and
+        Compare-and-set like :meth:`transition` (from one of the ``expected`` statuses, all
+        finished ones by default). ``spec`` (a changed ``max_iter``) and
         ``max_iter`` (of the first stage) replace the job's; its crash budget starts again
-        (``crashes`` is 0; ``attempts`` is 1, so the next run resumes its checkpoint).
+        (``crashes`` is 0; ``attempts`` at least 1, so the next run resumes its checkpoint).
 
         Returns
         -------
@@ -312,22 +325,24 @@ class JobStore:
             "finished_at": None,
             "eta_seconds": None,
             "error": None,
-            "attempts": 1,
             "crashes": 0,
         }
         if spec is not None:
             sets["spec"] = json.dumps(spec)
-        assignments = [f"{k} = ?" for k in sets]
+        # attempts only grow (each run is told apart by them); at least 1, so the next run,
+        # the second, resumes the checkpoint
+        assignments = [f"{k} = ?" for k in sets] + ["attempts = MAX(attempts, 1)"]
         params = list(sets.values())
         if max_iter is not None:  # the progress of the iterations done, of the new total
             assignments += ["max_iter = ?", "progress = MIN(1.0, CAST(iteration AS REAL) / ?)"]
             params += [max_iter, max_iter]
         cols = ", ".join(assignments)
         with self._tx() as db:
+            expected = [e for e in expected if e in TERMINAL]
             n = db.execute(
                 f"UPDATE jobs SET {cols} WHERE id = ? AND status IN"
-                " ('cancelled', 'failed', 'succeeded')",
-                [*params, job_id],
+                f" ({','.join('?' * len(expected))})",
+                [*params, job_id, *expected],
             ).rowcount
             row = db.execute("SELECT * FROM jobs WHERE id = ?", (job_id,)).fetchone() if n else None
         return Job.from_row(row) if row else None

@@ -87,7 +87,7 @@ def _names_a_field(r: httpx.Response) -> bool:
 def test_health_answers_at_once_while_many_encodes_run(srv, heavy):
     """/health does not queue behind CPU-heavy encodes (it waited 4.2 s behind them in one
     thread pool): with more encodes in flight than the default pool has threads, /health
-    answers at once: the median answer in under 0.25 s, the slowest in under half the time
+    answers at once: the median answer in under 0.5 s, the slowest in under half the time
     the encodes take (before, every /health waited for them: 5 to 8 s here); the encodes
     beyond what the server takes on answer 503 with Retry-After."""
     body = json.dumps({"X": tiny_data(m=500).round(2).tolist(), "reconstruct": False}).encode()
@@ -128,7 +128,7 @@ def test_health_answers_at_once_while_many_encodes_run(srv, heavy):
     assert codes.count(200) >= 2
     assert all(int(ra) >= 1 for c, ra in answers if c == 503), answers
     worst, median = max(health), float(np.median(health))
-    assert median < 0.25 and worst < batch / 2, (median, worst, batch)
+    assert median < 0.5 and worst < batch / 2, (median, worst, batch)
 
 
 def test_the_python_client_waits_out_a_busy_encode(srv, heavy):

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import gzip
+import io
 import os
 import sqlite3
 import subprocess
@@ -85,6 +87,14 @@ def test_a_full_state_disk_fails_the_job_clearly_and_the_service_recovers(tmp_pa
                 for _ in range(3):
                     not_5xx_except_507(http.post("/jobs", json={**SPEC, "seed": 9}))
                 not_5xx_except_507(http.post(f"/jobs/{job_id}/cancel"))
+                # an upload is spooled into the state folder: the full disk is 507, not a 422
+                buf = io.BytesIO()
+                np.save(buf, np.random.default_rng(0).random((4096, 64)))
+                gz = gzip.compress(buf.getvalue())
+                up = http.post("/datasets", data={"name": "up"}, files={"file": ("x.npy.gz", gz)})
+                assert up.status_code == 507 and up.json()["detail"].startswith("storage: "), (
+                    up.text
+                )
                 not_5xx_except_507(http.get("/jobs"))
                 not_5xx_except_507(http.get(f"/jobs/{job_id}"))
 
@@ -138,3 +148,32 @@ def test_a_job_error_names_the_chunk_not_the_servers_paths(tmp_path):
     assert "chunk 1 of tiny" in job["error"], job["error"]
     for p in (data, data.resolve(), state.resolve(), tmp_path):
         assert str(p) not in job["error"] and str(p) not in r.text, (job["error"], r.text)
+
+
+def test_retry_and_resume_refuse_a_job_whose_dataset_is_gone(tmp_path):
+    from service import datasets, jobs
+    from service.store import JobStore
+
+    class Runner:
+        def notify(self) -> None:
+            pass
+
+    data = tmp_path / "data"
+    write_tiny(data, "tiny")
+    store = JobStore(tmp_path / "jobs.db")
+    job, _ = store.create(SPEC, 80)
+    store.claim_next()
+    store.transition(job.id, ["running"], "failed", error="disk: ...")
+    with pytest.raises(jobs.Conflict, match="not failed"):
+        other, _ = store.create({**SPEC, "seed": 5}, 80)
+        jobs.retry(other.id, store=store, runner=Runner(), data_root=data)
+    datasets.delete_dataset(data, "tiny")
+    for call in (
+        lambda: jobs.retry(job.id, store=store, runner=Runner(), data_root=data),
+        lambda: jobs.resume(job.id, None, store=store, runner=Runner(), data_root=data),
+    ):
+        with pytest.raises(jobs.Conflict, match="dataset: 'tiny' no longer exists"):
+            call()
+    assert store.get(job.id).status == "failed"
+    write_tiny(data, "tiny")  # back: the retry queues it
+    assert jobs.retry(job.id, store=store, runner=Runner(), data_root=data).status == "queued"

@@ -117,7 +117,7 @@ def test_a_job_crashing_three_times_without_progress_fails(store):
     assert store.claim_next() is None
     # a retry (POST /jobs/ID/retry) gives it a fresh budget and resumes its checkpoint
     again = store.resume(job.id)
-    assert again.status == "queued" and again.crashes == 0 and again.attempts == 1
+    assert again.status == "queued" and again.crashes == 0 and again.attempts == 3
 
 
 def test_crashes_after_progress_and_clean_stops_do_not_use_up_the_budget(store):
@@ -127,10 +127,12 @@ def test_crashes_after_progress_and_clean_stops_do_not_use_up_the_budget(store):
         assert store.update_progress(job.id, iteration=it, progress=it / 100)
         assert store.requeue_running() == [job.id]
         assert store.get(job.id).crashes == 0
-    for _ in range(5):  # five clean stops (SIGTERM): the runner queues its jobs itself
+    for _ in range(5):  # crashes between clean stops (SIGTERM: the runner queues its jobs
+        store.claim_next()  # itself and starts their count again)
+        assert store.requeue_running() == [job.id] and store.get(job.id).crashes == 1
         store.claim_next()
-        assert store.transition(job.id, ["running"], "queued") is not None
-    assert store.get(job.id).crashes == 0 and store.get(job.id).attempts == 12
+        assert store.transition(job.id, ["running"], "queued", crashes=0) is not None
+    assert store.get(job.id).crashes == 0 and store.get(job.id).attempts == 17
     store.claim_next()  # a deep job moving to its next stage is progress too
     store.update_progress(job.id, iteration=7, stage="fine-tune")
     assert store.requeue_running() == [job.id] and store.get(job.id).crashes == 0
@@ -139,6 +141,19 @@ def test_crashes_after_progress_and_clean_stops_do_not_use_up_the_budget(store):
         assert store.requeue_running() == [job.id] and store.get(job.id).crashes == n
     store.claim_next()
     assert store.requeue_running() == [] and store.get(job.id).status == "failed"
+
+
+def test_the_outcome_of_an_old_run_never_lands_on_a_newer_one(store):
+    job, _ = store.create({"dataset": "d"}, 10)
+    first = store.claim_next().attempts
+    store.transition(job.id, ["running"], "cancelled")
+    store.resume(job.id)
+    second = store.claim_next().attempts
+    assert second != first
+    # the first run's outcome, written late (it waited for a full disk), changes nothing
+    assert store.transition(job.id, ["running"], "failed", run=first, error="old") is None
+    assert store.get(job.id).status == "running"
+    assert store.transition(job.id, ["running"], "succeeded", run=second).status == "succeeded"
 
 
 def test_an_older_store_gains_the_crash_columns(tmp_path):

@@ -15,7 +15,7 @@ from __future__ import annotations
 import os
 from collections.abc import AsyncIterator
 from pathlib import Path
-from typing import BinaryIO
+from typing import Any, BinaryIO
 
 import anyio
 from fastapi import APIRouter, Depends, HTTPException, Request, Response
@@ -91,13 +91,29 @@ def _opened(path: Path | None, name: str) -> BinaryIO:
     return fh
 
 
+class _FileStream(StreamingResponse):
+    """A streamed opened file that is closed when the response ends, however it ends (a
+    client that disconnects mid-download leaves the body's generator unfinished)."""
+
+    def __init__(self, fh: BinaryIO, size: int, **kw: Any) -> None:
+        super().__init__(_chunks(fh, size), **kw)
+        self._fh = fh
+
+    async def __call__(self, scope, receive, send) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            self._fh.close()
+
+
 def _send(
     fh: BinaryIO, media_type: str, headers: dict[str, str] | None = None
 ) -> StreamingResponse:
     """The opened file ``fh`` streamed, its size (when opened) as Content-Length."""
     size = os.fstat(fh.fileno()).st_size
-    return StreamingResponse(
-        _chunks(fh, size),
+    return _FileStream(
+        fh,
+        size,
         media_type=media_type,
         headers={**(headers or {}), "Content-Length": str(size)},
     )

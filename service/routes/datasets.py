@@ -30,6 +30,7 @@ from service.deps import (
     require_token,
 )
 from service.errors import clean_message
+from service.faults import is_disk_full
 from service.schemas import Dataset, PhotographPatches
 from service.store import ACTIVE
 
@@ -37,6 +38,10 @@ router = APIRouter(
     tags=["datasets"], dependencies=[Depends(require_token)], responses=API_RESPONSES
 )
 #: ``POST /datasets``, to include with ``max_body_size=settings.max_upload_bytes``.
+#: Below a quarter of this much free disk, a gzip upload is refused as a full disk (507)
+#: rather than as too large for a limit the user never set.
+MIN_FREE_TO_INFLATE = 1 << 20
+
 uploads = APIRouter(
     tags=["datasets"], dependencies=[Depends(require_token)], responses=API_RESPONSES
 )
@@ -62,6 +67,8 @@ def _ingest_errors(name: str, value_field: Callable[[str], str]) -> Iterator[Non
     except ValueError as exc:
         raise field_error(value_field(str(exc)), str(exc)) from None
     except OSError as exc:
+        if is_disk_full(exc):
+            raise HTTPException(507, f"storage: the disk is full ({exc.strerror})") from None
         raise field_error("name", f"name: cannot create {name!r} ({exc.strerror})") from None
 
 
@@ -117,10 +124,13 @@ def upload_dataset(
         raise field_error("name", str(exc)) from None
     shape = tuple(int(d) for d in sample_shape.split("x")) if sample_shape else None
     filename = Path(file.filename or "").name[:200] or None
-    inflated = settings.max_decompressed_bytes or datasets.decompression_limit(
-        settings.data_root, settings.state_dir, settings.max_upload_bytes
-    )
     with _spooled(file.file, settings.state_dir) as path:
+        # the free disk after the spooled copy, read just before decompressing
+        inflated = settings.max_decompressed_bytes or datasets.decompression_limit(
+            settings.data_root, settings.state_dir, settings.max_upload_bytes
+        )
+        if inflated < MIN_FREE_TO_INFLATE:
+            raise HTTPException(507, "storage: too little free disk to decompress an upload")
         with _ingest_errors(name, _upload_field):
             return datasets.ingest_upload(
                 settings.data_root,

@@ -160,23 +160,31 @@ def cancel(job_id: JobId, store: StoreDep, runner: RunnerDep) -> JobOut:
     responses={**R404, **R409, **R422},
 )
 def resume(
-    job_id: JobId, store: StoreDep, runner: RunnerDep, body: ResumeRequest | None = None
+    job_id: JobId,
+    store: StoreDep,
+    runner: RunnerDep,
+    settings: SettingsDep,
+    body: ResumeRequest | None = None,
 ) -> JobOut:
     """Continue a cancelled, failed or finished job from its last checkpoint, on the
     trajectory of an uninterrupted run; `max_iter` extends a one-layer job."""
     max_iter = body.max_iter if body is not None else None
     with refusals():
-        return job_out(jobs.resume(job_id, max_iter, store=store, runner=runner), runner)
+        job = jobs.resume(
+            job_id, max_iter, store=store, runner=runner, data_root=settings.data_root
+        )
+        return job_out(job, runner)
 
 
 @router.post(
     "/jobs/{job_id}/retry", response_model=JobOut, status_code=202, responses={**R404, **R409}
 )
-def retry(job_id: JobId, store: StoreDep, runner: RunnerDep) -> JobOut:
+def retry(job_id: JobId, store: StoreDep, runner: RunnerDep, settings: SettingsDep) -> JobOut:
     """Run a failed job again from its last checkpoint (after a full disk, a lost cluster or
     the crash budget), with a fresh crash budget; 409 if the job has not failed."""
     with refusals():
-        return job_out(jobs.retry(job_id, store=store, runner=runner), runner)
+        job = jobs.retry(job_id, store=store, runner=runner, data_root=settings.data_root)
+        return job_out(job, runner)
 
 
 @router.delete("/jobs/{job_id}", status_code=204, responses={**R404})
