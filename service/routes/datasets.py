@@ -38,8 +38,8 @@ router = APIRouter(
     tags=["datasets"], dependencies=[Depends(require_token)], responses=API_RESPONSES
 )
 #: ``POST /datasets``, to include with ``max_body_size=settings.max_upload_bytes``.
-#: Below a quarter of this much free disk, a gzip upload is refused as a full disk (507)
-#: rather than as too large for a limit the user never set.
+#: When a quarter of the free disk is less than this, a gzip upload is refused as a full
+#: disk (507) rather than as too large for a limit the user never set (413).
 MIN_FREE_TO_INFLATE = 1 << 20
 
 uploads = APIRouter(
@@ -126,11 +126,12 @@ def upload_dataset(
     filename = Path(file.filename or "").name[:200] or None
     with _spooled(file.file, settings.state_dir) as path:
         # the free disk after the spooled copy, read just before decompressing
-        inflated = settings.max_decompressed_bytes or datasets.decompression_limit(
-            settings.data_root, settings.state_dir, settings.max_upload_bytes
-        )
-        if inflated < MIN_FREE_TO_INFLATE:
-            raise HTTPException(507, "storage: too little free disk to decompress an upload")
+        inflated = settings.max_decompressed_bytes
+        if inflated is None:
+            free = datasets.decompression_limit(settings.data_root, settings.state_dir, 1 << 62)
+            if free < MIN_FREE_TO_INFLATE:  # the disk, not a limit the user set
+                raise HTTPException(507, "storage: too little free disk to decompress an upload")
+            inflated = min(free, settings.max_upload_bytes)
         with _ingest_errors(name, _upload_field):
             return datasets.ingest_upload(
                 settings.data_root,
