@@ -224,6 +224,11 @@ class Runner:
             with self._lock:
                 if len(self._active) >= self.settings.max_concurrent_jobs:
                     return
+            if self._client is not None and getattr(self._client, "status", None) == "closed":
+                # the scheduler stayed away longer than the client kept reconnecting: a new
+                # client for the next jobs (the old one is closed with the others at stop)
+                log.warning("the Dask client closed (scheduler lost); connecting again")
+                self._client = None
             if self._client is None:
                 try:
                     self.client  # noqa: B018 - connect before claiming a job

@@ -175,7 +175,9 @@ def test_a_cancel_between_claim_and_register_is_not_lost(tmp_path):
         deadline = time.monotonic() + 60
         while not store.raced and time.monotonic() < deadline:
             time.sleep(0.05)
-        time.sleep(0.2)
+        # the job is registered once the claim returns (the cancel waits for that)
+        while not (seen.stopped or seen.calls >= 399) and time.monotonic() < deadline:
+            time.sleep(0.05)
         _wait_idle(runner)
         assert seen.stopped and seen.calls < 399
         assert store.get(job.id).status == "cancelled"

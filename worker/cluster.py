@@ -15,6 +15,9 @@ from collections.abc import Iterator
 BLAS_ENV_VARS = ("OMP_NUM_THREADS", "OPENBLAS_NUM_THREADS", "MKL_NUM_THREADS")
 #: Seconds to wait for a running scheduler (an address that does not answer fails then).
 CONNECT_TIMEOUT = 10.0
+#: Seconds a client keeps reconnecting to a scheduler that went away (a restart) before it
+#: closes itself; evaluations lost with the scheduler are sent again once it is back.
+RECONNECT_TIMEOUT = 120.0
 
 
 class SchedulerUnreachable(ConnectionError):
@@ -79,10 +82,12 @@ def get_client(
             raise SchedulerUnreachable(
                 f"scheduler: cannot connect to {scheduler} within {timeout:g} s ({exc})"
             ) from None
+        # Dask reuses the connect timeout as the window to reconnect in (no option for it).
+        client._timeout = max(timeout, RECONNECT_TIMEOUT)
         try:
             yield client, None
         finally:
-            client.close()
+            client.close(timeout=2 * timeout)  # as before the longer reconnect window
         return
     if workers < 1 or threads_per_worker < 1:
         raise ValueError("workers and threads_per_worker must be >= 1")

@@ -91,10 +91,192 @@ CACHE_FRACTION = 0.6
 CACHE_RESERVED_BYTES = 256 * 2**20
 #: An evaluation waiting for its result checks ``should_stop`` this often (seconds).
 POLL_SECONDS = 0.2
+#: An evaluation lost with the scheduler (it restarted) is sent again once the client has
+#: reconnected, up to this many times in a row.
+RESUBMITS = 20
+#: A result not there after this many seconds makes the wait look for stranded tasks
+#: (:func:`reschedule_stranded`), then again at this interval.
+STRANDED_SECONDS = 2.0
 
 
 class Cancelled(Exception):
     """Raised by an objective when its ``should_stop`` callback asks to stop."""
+
+
+class SchedulerLost(ConnectionError):
+    """The connection to the Dask scheduler went away and did not come back (the client
+    stopped reconnecting); the message names the address."""
+
+
+def lost_with_scheduler(exc: BaseException, future=None) -> bool:
+    """True when ``exc``, raised while waiting for ``future``, says the connection to the
+    scheduler went away (the work can be sent again once the client has reconnected), not
+    that a task failed."""
+    from distributed.client import FutureCancelledError, FuturesCancelledError
+    from distributed.comm.core import CommClosedError
+
+    lost = "scheduler-connection-lost"  # the reason the client gives its futures then
+    if isinstance(exc, FutureCancelledError):
+        return exc.reason == lost
+    if isinstance(exc, FuturesCancelledError):
+        return bool(exc.error_groups) and all(g.reason == lost for g in exc.error_groups)
+    # Comm errors ("Timed out trying to connect" is a plain OSError), not a missing file; and
+    # not a task's own error (its future is erred).
+    if isinstance(exc, (CommClosedError, ConnectionError)) or type(exc) is OSError:
+        return getattr(future, "status", None) != "error"
+    return False
+
+
+def reschedule_stranded(client) -> int:
+    """Have the scheduler place the tasks Dask left in ``no-worker`` though they may run on
+    any worker; how many (0 when it cannot ask).
+
+    A task pinned to a worker with ``allow_other_workers`` (chunk tasks pinned to the worker
+    caching their chunk; a stage's task next to its data) that became ready while no worker
+    was running (all had died, or were being restarted by their nannies) stays ``no-worker``
+    for ever: when workers arrive, Dask (2026.8) checks only the task's worker restrictions,
+    which name dead workers. This makes the recommendation Dask makes for other tasks then.
+    """
+
+    def place(dask_scheduler) -> int:
+        if not dask_scheduler.running:
+            return 0
+        recs = {ts.key: "processing" for ts in dask_scheduler.unrunnable if ts.loose_restrictions}
+        if recs:
+            dask_scheduler.transitions(recs, stimulus_id=f"sae-stranded-{time.time()}")
+        return len(recs)
+
+    try:
+        return int(client.run_on_scheduler(place))
+    except Exception:  # noqa: BLE001 - best effort (a scheduler gone, or refusing pickles)
+        return 0
+
+
+class StrandedCheck:
+    """Calls :func:`reschedule_stranded` while a wait lasts, every
+    :data:`STRANDED_SECONDS`."""
+
+    def __init__(self, client) -> None:
+        self.client = client
+        self.next = time.monotonic() + STRANDED_SECONDS
+
+    def __call__(self) -> None:
+        now = time.monotonic()
+        if now >= self.next:
+            self.next = now + STRANDED_SECONDS
+            reschedule_stranded(self.client)
+
+
+def wait_reconnected(client, should_stop=None) -> None:
+    """Wait until ``client`` is connected to its scheduler again.
+
+    Raises
+    ------
+    Cancelled
+        If ``should_stop()`` becomes true meanwhile.
+    SchedulerLost
+        If the client gave up reconnecting (it closes itself after its timeout).
+    """
+    while True:
+        status = getattr(client, "status", "running")
+        if status == "running":
+            return
+        if status in ("closing", "closed"):
+            address = getattr(getattr(client, "scheduler", None), "address", "?")
+            raise SchedulerLost(
+                f"scheduler: the connection to {address} was lost and did not come back; "
+                "start the scheduler again at that address, then resubmit the job (it resumes "
+                "from its last checkpoint)"
+            )
+        if should_stop is not None and should_stop():
+            raise Cancelled("stopped while the scheduler was away")
+        time.sleep(POLL_SECONDS)
+
+
+class WorkersDied(RuntimeError):
+    """The workers that ran one of a job's tasks all died (Dask's ``KilledWorker``, chained
+    as ``__cause__``); the message says what most often kills them and what to change."""
+
+
+def _size(nbytes: float) -> str:
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if nbytes >= scale:
+            return f"{nbytes / scale:.3g} {unit}"
+    return f"{int(nbytes)} bytes"
+
+
+def workers_died(
+    exc: Exception,
+    client=None,
+    *,
+    chunk_bytes: int | None = None,
+    data_bytes: int | None = None,
+    whole_task: bool = False,
+) -> WorkersDied:
+    """A clear error for a ``distributed.KilledWorker`` that reached a job.
+
+    Dask raises it when every worker that tried a task died while running it (by default 4
+    in turn). Most often they died for memory: a worker's nanny kills it past 95% of its
+    memory limit. The message gives the limit (from ``client``'s scheduler, else the last
+    worker's), its threads, the size of a chunk and what to change.
+
+    Parameters
+    ----------
+    exc : distributed.KilledWorker
+    client : distributed.Client, optional
+    chunk_bytes, data_bytes : int, optional
+        Decoded sizes of one chunk and of the stage's whole data in the compute dtype.
+    whole_task : bool
+        The task held the whole stage's data (a stage next to its data).
+
+    Returns
+    -------
+    WorkersDied
+        To raise ``from exc``.
+    """
+    task = getattr(exc, "task", None)
+    n = getattr(exc, "allowed_failures", None)
+    last = getattr(exc, "last_worker", None)
+    limits, threads = [], []
+    with contextlib.suppress(Exception):
+        for w in client.scheduler_info(n_workers=-1).get("workers", {}).values():
+            limits.append(int(w.get("memory_limit") or 0))
+            threads.append(int(w.get("nthreads") or 0))
+    if not limits and last is not None:
+        limits = [int(getattr(last, "memory_limit", 0) or 0)]
+        threads = [int(getattr(last, "nthreads", 0) or 0)]
+    if isinstance(n, int):
+        who = "1 worker, which" if n == 0 else f"{n + 1} workers in turn, which all"
+    else:
+        who = "workers, which all"
+    where = f" (the last {last.address})" if getattr(last, "address", None) else ""
+    facts = []
+    if limits and all(limits):
+        t = max(threads) if threads else 0
+        per = f" with {t} thread{'s' if t > 1 else ''}" if t else ""
+        facts.append(f"each worker may use {_size(min(limits))}{per}")
+    elif limits:
+        facts.append("the workers have no memory limit (the system may have killed them)")
+    if chunk_bytes:
+        facts.append(f"one chunk of the data takes {_size(chunk_bytes)} decoded")
+    if data_bytes and whole_task:
+        facts.append(f"the stage runs as one task holding all its data, {_size(data_bytes)}")
+    change = [
+        "a larger memory limit per worker (--memory-limit of `sae train` / `sae serve`, or "
+        "of `dask worker`)",
+        "fewer threads per worker (--threads-per-worker)",
+        "smaller chunks (ingest the dataset again with --chunk-rows)",
+        'the float32 dtype (--dtype float32, or "dtype": "float32" in the job\'s spec)',
+    ]
+    if whole_task:
+        change.insert(0, "the distributed plan (--plan distributed: a task per chunk)")
+    message = (
+        f"workers died: task {task!r} of this job ran on {who} died while running it{where}. "
+        "Most often a worker dies for memory: its nanny kills it past 95% of its memory limit"
+        + (f". Here {'; '.join(facts)}" if facts else "")
+        + f". To fix, change one of: {'; '.join(change)}. The workers' logs say why they died."
+    )
+    return WorkersDied(message)
 
 
 # --------------------------------------------------------------------------- helpers
@@ -461,9 +643,7 @@ class DistributedObjective:
         if theta.shape != (self.net.n_params,):
             raise ValueError(f"theta: expected shape ({self.net.n_params},), got {theta.shape}")
         t0 = time.perf_counter()
-        self._refresh_workers()
-        hlg, key = self.graph(theta)
-        J, grad = self._wait(self.client.get(hlg, key, sync=False))
+        J, grad = self._evaluate(lambda: self.graph(theta))
         grad = blas_ready(grad, np.float64)  # a view into a message frame may be unaligned
         dt = time.perf_counter() - t0
         self.stats.n_evals += 1
@@ -472,11 +652,42 @@ class DistributedObjective:
         self.stats.times.append(dt)
         return float(J), grad
 
+    def _evaluate(self, build):
+        """The result of the graph ``build() -> (hlg, key)``, sent again (built anew, for the
+        workers there are then) after the scheduler's connection was lost, once the client
+        has reconnected: an evaluation depends on theta alone, so it gives the same bits.
+
+        Raises
+        ------
+        SchedulerLost
+            If the client does not get its scheduler back.
+        """
+        for attempt in range(RESUBMITS + 1):
+            future = None
+            try:
+                self._refresh_workers(force=attempt > 0)
+                hlg, key = build()
+                future = self.client.get(hlg, key, sync=False)
+                return self._wait(future)
+            except Exception as exc:
+                if not lost_with_scheduler(exc, future) or attempt == RESUBMITS:
+                    raise
+                time.sleep(POLL_SECONDS)  # the client may not have noticed the loss yet
+                wait_reconnected(self.client, self.should_stop)
+        raise AssertionError("unreachable")
+
     def _wait(self, future):
         """The result of an evaluation's future, checking ``should_stop`` every
-        :data:`POLL_SECONDS` (an evaluation may wait long for busy or absent workers)."""
-        from distributed import wait
+        :data:`POLL_SECONDS` (an evaluation may wait long for busy or absent workers).
 
+        Raises
+        ------
+        WorkersDied
+            For Dask's ``KilledWorker`` (the workers running a task all died).
+        """
+        from distributed import KilledWorker, wait
+
+        stranded = StrandedCheck(self.client)
         try:
             while True:
                 try:
@@ -485,7 +696,12 @@ class DistributedObjective:
                 except TimeoutError:
                     if self.should_stop is not None and self.should_stop():
                         raise Cancelled("stopped during an evaluation") from None
-            return future.result()
+                    stranded()
+            try:
+                return future.result()
+            except KilledWorker as exc:
+                chunk = self.info.chunk_rows * self._stage_nbytes() // max(1, self.info.shape[0])
+                raise workers_died(exc, self.client, chunk_bytes=chunk) from exc
         finally:
             if not future.done():
                 with contextlib.suppress(Exception):
@@ -564,12 +780,12 @@ class BatchObjective(DistributedObjective):
         if self.should_stop is not None and self.should_stop():
             raise Cancelled("stopped before a step")
         t0 = time.perf_counter()
-        self._refresh_workers()
         if rho_ema is not None and self.passes == "fused":
             raise ValueError("sparsity_estimate: a running average needs passes 'two'")
         slots = [i for i, _ in parts] if slots is None else slots
-        hlg, final = self.batch_graph(theta, parts, rho_ema, decay, slots)
-        J, grad, rho_hat = self._wait(self.client.get(hlg, final, sync=False))
+        J, grad, rho_hat = self._evaluate(
+            lambda: self.batch_graph(theta, parts, rho_ema, decay, slots)
+        )
         grad = blas_ready(grad, np.float64)
         dt = time.perf_counter() - t0
         self.stats.n_evals += 1
@@ -653,6 +869,13 @@ __all__ = [
     "Cancelled",
     "DistributedObjective",
     "LocalObjective",
+    "SchedulerLost",
+    "StrandedCheck",
+    "WorkersDied",
     "array_token",
     "dataset_token",
+    "lost_with_scheduler",
+    "reschedule_stranded",
+    "wait_reconnected",
+    "workers_died",
 ]

@@ -9,6 +9,9 @@ Two strategies with one interface, ``run(stage, hooks, resume) -> StageResult``:
   tree, so the same bits). The task writes the checkpoints and history itself; this process
   follows them, forwards ``on_iteration`` and asks the task to stop through a ``.cancel``
   file. If the worker dies, Dask reruns the task, which resumes from the last checkpoint.
+  Once the stage has ended (every way it can), this process releases the task's future and
+  removes ``.owner``: a rerun after that (Dask recomputes a lost result it still holds a
+  future of) finds the folder gone or not its own and returns without writing anything.
 """
 
 from __future__ import annotations
@@ -26,7 +29,18 @@ from pathlib import Path
 import numpy as np
 
 from worker import layout
-from worker.engine import BatchObjective, DistributedObjective, LocalObjective
+from worker.engine import (
+    POLL_SECONDS,
+    RESUBMITS,
+    BatchObjective,
+    Cancelled,
+    DistributedObjective,
+    LocalObjective,
+    StrandedCheck,
+    lost_with_scheduler,
+    wait_reconnected,
+    workers_died,
+)
 from worker.stage import REFRESH_SECONDS, Hooks, Stage, StageResult, run_stage, save_cost
 
 #: After a cancel request, a task next to its data has this long to stop by itself before the
@@ -135,35 +149,72 @@ class NextToData:
         out = stage.folder
         out.mkdir(parents=True, exist_ok=True)
         layout.clear_cancel(out)
-        owner = uuid.uuid4().hex
         for old in out.glob(layout.STARTED_PREFIX + "*"):  # markers of earlier runs
             with contextlib.suppress(FileNotFoundError):
                 old.unlink()
-        layout.write_bytes(out / layout.OWNER, lambda fh: fh.write(owner.encode()))
-        if hooks.stop():  # asked to stop before the task started: it never does
-            result = abandoned_stage(stage, "cancelled before the stage started")
-            result.history = layout.read_history(out / layout.HISTORY)
-            return result
-        future = self.client.submit(
-            run_local_stage,
-            dataclasses.replace(stage, folder=out.resolve()),
-            self.dataset_path,
-            owner=owner,
-            resume=resume,
-            refresh_seconds=self.refresh_seconds,
-            key=f"train-{self.job}-{uuid.uuid4().hex[:8]}",
-            pure=False,
-            **self._placement(out),
-        )
-        result = follow(
-            self.client, future, out, hooks, self.cancel_grace, _resumed_at(out, resume)
-        )
+        owners = [_take_over(out)]
+        try:
+            if hooks.stop():  # asked to stop before the task started: it never does
+                result = abandoned_stage(stage, "cancelled before the stage started")
+                result.history = layout.read_history(out / layout.HISTORY)
+                return result
+            result = self._submit_and_follow(stage, hooks, resume, owners)
+        finally:
+            disown(out, owners[-1])  # from now on, any run of the task is superseded
         if result is None:
             result = abandoned_stage(stage)
         result.history = layout.read_history(out / layout.HISTORY)
         save_cost(result.history, out / layout.COST)
         layout.clear_cancel(out)
         return result
+
+    def _submit_and_follow(
+        self, stage: Stage, hooks: Hooks, resume: bool, owners: list[str]
+    ) -> StageResult | None:
+        """Run the stage's task as ``owners[-1]`` and follow it (None: abandoned after a
+        cancel).
+
+        If the connection to the scheduler is lost (it restarted: the client cancels every
+        future), the task is submitted again once the client has reconnected, under a new
+        owner (a copy of the old task still running stops) and continuing the old one's
+        checkpoints.
+        """
+        from distributed import KilledWorker
+
+        out = stage.folder
+        forward = _Forwarder(out / layout.HISTORY, hooks, _resumed_at(out, resume))
+        for attempt in range(RESUBMITS + 1):
+            future = None
+            try:
+                future = self.client.submit(
+                    run_local_stage,
+                    dataclasses.replace(stage, folder=out.resolve()),
+                    self.dataset_path,
+                    owner=owners[-1],
+                    resume=resume,
+                    refresh_seconds=self.refresh_seconds,
+                    key=f"train-{self.job}-{uuid.uuid4().hex[:8]}",
+                    pure=False,
+                    **self._placement(out),
+                )
+                return follow(self.client, future, out, hooks, self.cancel_grace, forward=forward)
+            except KilledWorker as exc:
+                raise workers_died(
+                    exc, self.client, **_data_sizes(self.dataset_path, stage), whole_task=True
+                ) from exc
+            except Exception as exc:
+                if not lost_with_scheduler(exc, future) or attempt == RESUBMITS:
+                    raise
+            time.sleep(POLL_SECONDS)  # the client may not have noticed the loss yet
+            try:
+                wait_reconnected(self.client, hooks.should_stop)
+            except Cancelled:
+                return None
+            started = out / f"{layout.STARTED_PREFIX}{owners[-1]}"
+            resume = resume or started.exists()  # continue what the lost task checkpointed
+            layout.clear_cancel(out)  # written by follow() for the lost task
+            owners.append(_take_over(out))
+        raise AssertionError("unreachable")
 
     def _placement(self, out: Path) -> dict:
         """Spread jobs over the workers by a hash of their folder."""
@@ -189,27 +240,35 @@ def run_local_stage(
     creates ``.started-<owner>``, and a run finding it resumes. A fresh job thus never
     continues from a state.npz left by an older run. Stops when ``.cancel`` appears, or when
     ``.owner`` no longer holds ``owner`` (a newer run of the job took over, e.g. after a
-    service restart). Returns the result without its history (the driver reads the file).
+    service restart, or the stage has ended and its driver let go of the folder). Returns the
+    result without its history (the driver reads the file).
+
+    The folder is the driver's: this never creates it. A run that finds it gone, or not its
+    own (a late rerun by Dask of a task whose stage has ended, whose job may have been
+    deleted), returns at once, writing nothing; a run superseded while it trains writes
+    nothing more (no checkpoint, model.npz or filters.png).
     """
     out = Path(stage.folder)
     cancel, owner_file = out / layout.CANCEL, out / layout.OWNER
+
+    def owns() -> bool:
+        if owner is None:
+            return out.is_dir()
+        try:
+            return owner_file.read_text() == owner
+        except OSError:  # gone (with its folder, or once the stage ended), or unreadable
+            return False
+
+    if not owns():
+        return _not_run(stage, f"superseded: {out} is gone or owned by another run")
     marker = out / f"{layout.STARTED_PREFIX}{owner or 'anonymous'}"
     if marker.exists():
         resume = True  # a rerun of this task: continue its own checkpoints
     else:
-        out.mkdir(parents=True, exist_ok=True)
         layout.write_bytes(marker, lambda fh: fh.write(b""))
 
-    def superseded() -> bool:
-        if owner is None:
-            return False
-        try:
-            return owner_file.read_text() != owner
-        except FileNotFoundError:
-            return True
-
     def stop() -> bool:
-        return cancel.exists() or superseded()
+        return cancel.exists() or not owns()
 
     f = LocalObjective(
         dataset_path,
@@ -227,11 +286,55 @@ def run_local_stage(
         resume=resume,
         refresh_seconds=refresh_seconds,
         write_cost=False,  # drawn by the driver, off the critical path
+        may_write=owns,
     )
     with contextlib.suppress(FileNotFoundError):
         marker.unlink()
     res.history = []
     return res
+
+
+def _not_run(stage: Stage, message: str) -> StageResult:
+    """The result of a task that did not run its stage (nothing written)."""
+    return StageResult(
+        status="cancelled",
+        theta=np.asarray(stage.theta0, dtype=np.float64),
+        cost=None,
+        iterations=0,
+        evaluations=0,
+        seconds=0.0,
+        message=message,
+    )
+
+
+def _take_over(out: Path) -> str:
+    """Make a new owner of a stage's folder (a run of its task with another owner stops)."""
+    owner = uuid.uuid4().hex
+    layout.write_bytes(out / layout.OWNER, lambda fh: fh.write(owner.encode()))
+    return owner
+
+
+def disown(out: Path, owner: str) -> None:
+    """Let go of a stage's folder: remove its ``.owner`` if it still holds ``owner`` (a newer
+    run's is left alone), so any later run of the stage's task is superseded."""
+    owner_file = out / layout.OWNER
+    with contextlib.suppress(OSError):
+        if owner_file.read_text() == owner:
+            owner_file.unlink()
+
+
+def _data_sizes(dataset_path: str, stage: Stage) -> dict:
+    """The decoded sizes of one chunk and of the whole data of a stage (for error messages);
+    empty when the dataset cannot be read."""
+    from worker.dataset import open_dataset
+
+    try:
+        info = open_dataset(dataset_path)
+    except Exception:  # noqa: BLE001 - only for a message
+        return {}
+    item = np.dtype(stage.dtype).itemsize
+    m, n = info.shape
+    return {"chunk_bytes": info.chunk_rows * n * item, "data_bytes": m * n * item}
 
 
 def abandoned_stage(
@@ -312,19 +415,22 @@ def follow(
     grace: float = CANCEL_GRACE_SECONDS,
     seen: int = -1,
     poll: float = 0.1,
+    forward: _Forwarder | None = None,
 ) -> StageResult | None:
-    """Wait for a stage's task, forwarding history entries after iteration ``seen`` and
-    cancel requests.
+    """Wait for a stage's task, forwarding history entries after iteration ``seen`` (or with
+    ``forward``, a forwarder kept across resubmissions of the task) and cancel requests.
 
     After a cancel request the task gets ``grace`` seconds to stop at its next check; then it
     is cancelled (a task still queued behind busy or absent workers never starts), its
     ``.owner`` file removed (a task already running stops at its next check) and None is
-    returned: the caller reports the last checkpoint.
+    returned: the caller reports the last checkpoint. The future is released on return,
+    whichever way.
     """
     from distributed import wait
 
     cancelled_at: float | None = None
-    forward = _Forwarder(out / layout.HISTORY, hooks, seen)
+    forward = forward or _Forwarder(out / layout.HISTORY, hooks, seen)
+    stranded = StrandedCheck(client)
     try:
         while True:
             with contextlib.suppress(TimeoutError):
@@ -332,6 +438,7 @@ def follow(
             forward()
             if future.done():
                 break
+            stranded()
             if cancelled_at is None and hooks.stop():
                 (out / layout.CANCEL).touch()
                 cancelled_at = time.monotonic()
@@ -345,10 +452,16 @@ def follow(
         forward(force=True)
         return result
     except BaseException:
-        (out / layout.CANCEL).touch()  # an interrupted driver stops its task
+        with contextlib.suppress(OSError):  # the folder may be gone
+            (out / layout.CANCEL).touch()  # an interrupted driver stops its task
         with contextlib.suppress(Exception):
             client.cancel(future)
         raise
+    finally:
+        # At once, not when the future is collected (reference cycles through tracebacks
+        # can keep it for minutes): while a client holds a future, Dask reruns its finished
+        # task when the worker holding the result dies.
+        future.release()
 
 
 def _warm_display() -> None:

@@ -224,10 +224,17 @@ class _Recorder:
     order, on the writer's thread), the periodic model and filters refresh, the hooks."""
 
     def __init__(
-        self, stage: Stage, hooks: Hooks, history: list[dict], offset: float, refresh_seconds: float
+        self,
+        stage: Stage,
+        hooks: Hooks,
+        history: list[dict],
+        offset: float,
+        refresh_seconds: float,
+        may_write: Callable[[], bool] = lambda: True,
     ) -> None:
         self.stage, self.hooks, self.history, self.offset = stage, hooks, history, offset
         self.refresh_seconds = refresh_seconds
+        self.may_write = may_write
         self.extra = {} if stage.id.label is None else {"stage": stage.id.label}
         self.t_start = time.perf_counter()
         self.last_refresh = -math.inf
@@ -241,7 +248,12 @@ class _Recorder:
         if not force and now - self.last_refresh < self.refresh_seconds:
             return
         self.last_refresh = now
-        self.writer.call(lambda: write_model(self.stage, theta))
+
+        def write() -> None:  # checked again on the writer's thread, just before writing
+            if self.may_write():
+                write_model(self.stage, theta)
+
+        self.writer.call(write)
 
     def __call__(self, st) -> bool:
         """The optimizer's callback: record iteration ``st``; True asks it to stop."""
@@ -255,12 +267,28 @@ class _Recorder:
         }
         if self.history and self.history[-1]["iteration"] >= entry["iteration"]:
             return self.hooks.stop()  # already recorded (resumed state)
+        if not self.may_write():  # the folder is another run's now (or gone): stop, write nothing
+            return True
         self.history.append(entry)
-        self.writer.put(entry, st)  # history first: resume truncates it to the state
+        # history first: resume truncates it to the state
+        self.writer.put(entry, _Guarded(st, self.may_write))
         self.refresh(st.theta, force=st.iteration == 0)
         if self.hooks.on_iteration is not None:
             self.hooks.on_iteration(dict(entry))
         return self.hooks.stop()
+
+
+class _Guarded:
+    """An optimizer state whose ``save`` (on the writer's thread) is skipped once the stage
+    may not write any more: saving makes ``state.npz.pairs/`` with its parents, which would
+    bring a deleted folder back."""
+
+    def __init__(self, state, may_write: Callable[[], bool]) -> None:
+        self.state, self.may_write = state, may_write
+
+    def save(self, path: Path) -> None:
+        if self.may_write():
+            self.state.save(path)
 
 
 def write_model(stage: Stage, theta: np.ndarray) -> None:
@@ -278,6 +306,7 @@ def run_stage(
     resume: bool = False,
     refresh_seconds: float = REFRESH_SECONDS,
     write_cost: bool = True,
+    may_write: Callable[[], bool] | None = None,
 ) -> StageResult:
     """Minimise ``objective`` from ``stage.theta0`` with a checkpoint after every iteration.
 
@@ -294,6 +323,11 @@ def run_stage(
         Interval of filters.png / model.npz refreshes while training.
     write_cost : bool
         Draw cost.png at the end (a task next to the data leaves it to the driver).
+    may_write : callable, optional
+        ``may_write() -> bool``, asked before every write to the stage's folder (history,
+        checkpoint, model.npz, filters.png). Once it is False the stage stops and writes
+        nothing more (a task whose folder was deleted, or taken over by a newer run). With
+        it the folder must exist (it is never created); without it, it is created.
 
     Returns
     -------
@@ -301,10 +335,12 @@ def run_stage(
     """
     from sae.optimize import OptimizerState, minimize
 
-    stage.folder.mkdir(parents=True, exist_ok=True)
+    if may_write is None:
+        stage.folder.mkdir(parents=True, exist_ok=True)
+    allowed = may_write or (lambda: True)
     state_path = stage.folder / layout.STATE
     state, history, offset = _resume_point(stage, resume)
-    record = _Recorder(stage, hooks, history, offset, refresh_seconds)
+    record = _Recorder(stage, hooks, history, offset, refresh_seconds, allowed)
     status, message = "succeeded", ""
     final = state
     try:
@@ -318,16 +354,17 @@ def run_stage(
             status = "cancelled"
         elif final.status == "diverged":
             raise FloatingPointError(f"optimizer: diverged: {final.message}")
-        else:  # converged, max_iter, or a line search that cannot improve further
+        elif allowed():  # converged, max_iter, or a line search that cannot improve further
             final.save(state_path)
     except Cancelled:
         status, message = "cancelled", "cancelled during an evaluation"
         with contextlib.suppress(FileNotFoundError):
             final = OptimizerState.load(state_path)
     theta = np.asarray(final.theta if final.J is not None else stage.theta0, dtype=np.float64)
-    write_model(stage, theta)
-    if write_cost:
-        save_cost(history, stage.folder / layout.COST)
+    if allowed():
+        write_model(stage, theta)
+        if write_cost:
+            save_cost(history, stage.folder / layout.COST)
     return StageResult(
         status=status,
         theta=theta,
