@@ -5,6 +5,7 @@ acknowledged jobs are never lost and none is left `running` with nobody running 
 from __future__ import annotations
 
 import sqlite3
+import time
 
 import numpy as np
 import pytest
@@ -88,3 +89,75 @@ def _same_costs(h1, h2) -> bool:
         return [(e.get("iteration"), e.get("cost", e.get("J"))) for e in entries]
 
     return costs(h1) == costs(h2)
+
+
+def test_random_sigkills_during_a_mix_of_jobs(tmp_path):
+    """The service SIGKILLed at random moments, 3 times, while a mix of jobs runs (L-BFGS,
+    Adam, a deep one): every job ends succeeded with the model of an uninterrupted run, and
+    a job that had succeeded is never run again (its attempts and files stay as they were)."""
+    import random
+
+    data, state = tmp_path / "data", tmp_path / "state"
+    write_tiny(data, "tiny")
+    specs = {
+        "lbfgs": SPEC,
+        "adam": {
+            "dataset": "tiny",
+            "hidden": 5,
+            "optimizer": "adam",
+            "epochs": 6,
+            "batch_size": 20,
+            "learning_rate": 0.01,
+            "seed": 3,
+        },
+        "deep": {
+            "dataset": "tiny",
+            "hidden": [6, 3],
+            "max_iter": 15,
+            "finetune_iter": 15,
+            "seed": 3,
+        },
+    }
+    rng = random.Random(11)
+    ids: dict[str, str] = {}
+    done: dict[str, tuple[int, int]] = {}  # job id -> (attempts, model mtime) once succeeded
+    caught = 0  # kills that landed while a job was running
+    for kill in range(4):
+        server = Server(data, state, args=ARGS).start()
+        try:
+            with server.client() as http:
+                for name, spec in specs.items():
+                    r = http.post("/jobs", json=spec, headers={"Idempotency-Key": name})
+                    ids[name] = r.json()["id"]
+                for job_id, (attempts, mtime) in done.items():
+                    j = http.get(f"/jobs/{job_id}").json()
+                    model = state / "jobs" / job_id / "model.npz"
+                    assert j["status"] == "succeeded" and j["attempts"] == attempts, j
+                    assert model.stat().st_mtime_ns == mtime, "a finished job ran again"
+                if kill < 3:
+                    time.sleep(rng.uniform(1.0, 4.0))  # a random moment of the mix
+                    running = http.get("/jobs", params={"status": "running"}).json()["total"]
+                    caught += running > 0
+                else:
+                    for job_id in ids.values():
+                        assert wait_job(http, job_id, timeout=180)["status"] == "succeeded"
+                for job_id in ids.values():
+                    j = http.get(f"/jobs/{job_id}").json()
+                    if j["status"] == "succeeded" and job_id not in done:
+                        model = state / "jobs" / job_id / "model.npz"
+                        done[job_id] = (j["attempts"], model.stat().st_mtime_ns)
+        finally:
+            server.kill() if kill < 3 else server.stop()
+    assert set(done) == set(ids.values())
+    assert caught >= 1, "no kill landed while a job ran"
+    models = {name: load_model(state / "jobs" / ids[name] / "model.npz") for name in specs}
+
+    # the same jobs, uninterrupted, under other keys
+    with Server(data, state, args=ARGS) as ref, ref.client() as http:
+        for name, spec in specs.items():
+            ref_id = http.post("/jobs", json=spec, headers={"Idempotency-Key": f"r{name}"})
+            job = wait_job(http, ref_id.json()["id"], timeout=180)
+            assert job["status"] == "succeeded" and job["attempts"] == 1
+            want = load_model(state / "jobs" / job["id"] / "model.npz")
+            for key in want:
+                np.testing.assert_array_equal(models[name][key], want[key], err_msg=name)
