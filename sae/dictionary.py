@@ -42,6 +42,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from sae.blas import blas_ready
+from sae.blocks import accumulate, colsum, half_sqsum, row_blocks
 from sae.network import Network
 
 Sums = dict[str, np.ndarray]
@@ -264,12 +265,15 @@ def _top(z: np.ndarray, k: int) -> np.ndarray:
     return f
 
 
-def encode(net: Dictionary, theta: np.ndarray, X: np.ndarray, dt) -> tuple[np.ndarray, ...]:
+def encode(
+    net: Dictionary, theta: np.ndarray, X: np.ndarray, dt, mm=np.matmul
+) -> tuple[np.ndarray, ...]:
     """``(Xc, z, f)``: centred inputs ``x - b_dec``, pre-activations and latents, each of
-    shape (m, .) in the compute dtype ``dt``."""
+    shape (m, .) in the compute dtype ``dt`` (``mm``: the matrix product,
+    :func:`sae.blocks.matmul`)."""
     Ws, bs = net.unpack(theta)
     Xc = blas_ready(X, dt) - bs[1].astype(dt)
-    z = Xc @ Ws[0].astype(dt, copy=False).T
+    z = mm(Xc, Ws[0].astype(dt, copy=False).T)
     z += bs[0].astype(dt)
     f = np.maximum(z, 0) if net.kind == "relu-l1" else _top(z, net.k)
     return Xc, z, f
@@ -292,13 +296,17 @@ def forward(net: Dictionary, theta: np.ndarray, X: np.ndarray, upto: int | None,
 # ----------------------------------------------------------------------------- chunk sums
 
 
-def pass1(net: Dictionary, theta: np.ndarray, X: np.ndarray, dt) -> Sums:
+def pass1(net: Dictionary, theta: np.ndarray, X: np.ndarray, dt, mm=np.matmul) -> Sums:
     """``"count"`` and, for AuxK, ``"fired1"``: how many examples each latent is active on,
     shape (d_sae,)."""
     sums: Sums = {"count": _f64(np.asarray(X).shape[0])}
     if net.uses_aux:
-        _, _, f = encode(net, theta, net.check_X(X), dt)
-        sums["fired1"] = np.count_nonzero(f > 0, axis=0).astype(np.float64)
+        X = net.check_X(X)
+        fired = np.zeros(net.d_sae)
+        for rows in row_blocks(X.shape[0]):
+            _, _, f = encode(net, theta, X[rows], dt, mm)
+            fired += np.count_nonzero(f > 0, axis=0)
+        sums["fired1"] = fired
     return sums
 
 
@@ -336,8 +344,10 @@ def pass2(
     stats_: dict | None,
     Y: np.ndarray | None,
     dt,
+    mm=np.matmul,
 ) -> Sums:
-    """Error and gradient sums on one chunk.
+    """Error and gradient sums on one chunk, in row blocks of
+    :data:`sae.objective.BLOCK_ROWS` added in float64 in row order.
 
     Parameters
     ----------
@@ -349,6 +359,9 @@ def pass2(
     Y : None
         Dictionaries reconstruct their input.
     dt : numpy float type
+        Of the elementwise work.
+    mm : callable, optional
+        The matrix product (:func:`sae.blocks.matmul`; bfloat16 products through PyTorch).
 
     Returns
     -------
@@ -361,43 +374,78 @@ def pass2(
     if Y is not None:
         raise ValueError("Y: a dictionary reconstructs its input; targets are not supported")
     X = blas_ready(net.check_X(X), dt)
-    Xc, z, f = encode(net, theta, X, dt)
-    W_dec = net.decoder(theta)[0].astype(dt)
-    b_dec = net.unpack(theta)[1][1].astype(dt)
-    x_hat = f @ W_dec.T
-    x_hat += b_dec
+    Ws, bs = net.unpack(theta)
+    W_dec = blas_ready(net.decoder(theta)[0], dt)
+    p = _Params(
+        W_enc=blas_ready(Ws[0], dt),
+        b_enc=bs[0].astype(dt),
+        b_dec=bs[1].astype(dt),
+        W_dec=W_dec,
+        l1=(
+            dt(net.l1) * _l1_weights(net, theta).astype(dt)
+            if net.kind == "relu-l1" and net.l1 > 0
+            else None
+        ),
+        dead=dead_mask(net, stats_),
+    )
+    if p.dead is not None:
+        p.W_dead = blas_ready(W_dec[:, p.dead], dt)
+    total: Sums | None = None
+    for rows in row_blocks(X.shape[0]):
+        total = accumulate(total, _pass2_block(net, p, X[rows], dt, mm))
+    total["count"] = _f64(X.shape[0])
+    return total
+
+
+@dataclass
+class _Params:
+    """Theta in the compute dtype, unpacked once per chunk for :func:`_pass2_block`."""
+
+    W_enc: np.ndarray
+    b_enc: np.ndarray
+    b_dec: np.ndarray
+    W_dec: np.ndarray
+    l1: np.ndarray | None
+    dead: np.ndarray | None
+    W_dead: np.ndarray | None = None
+
+
+def _pass2_block(net: Dictionary, p: _Params, X: np.ndarray, dt, mm) -> Sums:
+    """The sums of :func:`pass2` on one block of rows (shape (b, d_in)), in ``dt`` but for
+    the scalars."""
+    Xc = X - p.b_dec
+    z = mm(Xc, p.W_enc.T)
+    z += p.b_enc
+    f = np.maximum(z, 0) if net.kind == "relu-l1" else _top(z, net.k)
+    x_hat = mm(f, p.W_dec.T)
+    x_hat += p.b_dec
     d = x_hat - X
-    sums: Sums = {
-        "count": _f64(X.shape[0]),
-        "err": _f64(0.5 * np.einsum("ij,ij->", d, d, dtype=np.float64)),
-        "aux": _f64(0.0),
-        "l1": _f64(f.sum(axis=0, dtype=np.float64)),
-    }
-    dead = dead_mask(net, stats_)
+    sums: Sums = {"err": half_sqsum(d), "aux": _f64(0.0), "l1": colsum(f)}
+    dead = p.dead
     g_out = d
     if dead is not None:
         alpha = dt(net.aux_coeff)
         ka = min(net.k_aux, int(dead.sum()))
         f_aux = _top(z[:, dead], ka)
-        r = f_aux @ W_dec[:, dead].T
+        r = mm(f_aux, p.W_dead.T)
         r += d  # x_hat + e_hat - x
-        sums["aux"] = _f64(0.5 * np.einsum("ij,ij->", r, r, dtype=np.float64))
+        sums["aux"] = half_sqsum(r)
         r *= alpha
         g_out = d + r
-    W2 = g_out.T @ f
-    back = g_out @ W_dec
-    if net.kind == "relu-l1" and net.l1 > 0:
-        back += dt(net.l1) * _l1_weights(net, theta).astype(dt)
+    W2 = mm(g_out.T, f)
+    back = mm(g_out, p.W_dec)
+    if p.l1 is not None:
+        back += p.l1
     back *= f > 0
     if dead is not None:
-        W2[:, dead] += r.T @ f_aux
-        back_aux = r @ W_dec[:, dead]
+        W2[:, dead] += mm(r.T, f_aux)
+        back_aux = mm(r, p.W_dead)
         back_aux *= f_aux > 0
         back[:, dead] += back_aux
-    sums["W1"] = _f64(back.T @ Xc)
-    sums["b1"] = _f64(back.sum(axis=0, dtype=np.float64))
-    sums["W2"] = _f64(W2)
-    sums["b2"] = _f64(g_out.sum(axis=0, dtype=np.float64))
+    sums["W1"] = mm(back.T, Xc)
+    sums["b1"] = colsum(back)
+    sums["W2"] = W2
+    sums["b2"] = colsum(g_out)
     return sums
 
 

@@ -29,11 +29,20 @@ import numpy as np
 from sae import dictionary
 from sae.activations import get_activation
 from sae.blas import blas_ready
+from sae.blocks import accumulate, colsum, half_sqsum, matmul, row_blocks
 from sae.network import Network
 
 Sums = dict[str, np.ndarray]
 Passes = Literal["two", "fused"]
-DTYPES = {"float64": np.float64, "float32": np.float32}
+#: Compute dtypes -> the dtype of the elementwise work ("bfloat16": matrix products in bfloat16
+#: through PyTorch, the rest in float32; :data:`sae.blocks.COMPUTE`).
+DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": np.float32}
+
+
+def array_dtype(dtype: str) -> str:
+    """The dtype of the arrays a compute dtype works on: itself, or float32 for bfloat16
+    (whose products round their float32 operands to bfloat16 on the fly)."""
+    return "float32" if dtype == "bfloat16" else dtype
 
 
 def _compute_dtype(dtype: str | type | None) -> type:
@@ -95,13 +104,30 @@ def pass1(net: Network, theta: np.ndarray, X: np.ndarray, dtype=None) -> Sums:
         ``"count"`` (shape ()), and ``"a{l}_sum"`` of shape (n_l,) for every sparse layer l.
     """
     if net.kind != "sigmoid-kl":
-        return dictionary.pass1(net, theta, X, _compute_dtype(dtype))
+        return dictionary.pass1(net, theta, X, _compute_dtype(dtype), matmul(dtype))
     sums: Sums = {"count": _f64(np.asarray(X).shape[0])}
     if not net.sparse_layers:
         return sums
-    A = forward(net, theta, X, upto=max(net.sparse_layers), dtype=dtype)
-    for l in net.sparse_layers:
-        sums[f"a{l}_sum"] = _f64(A[l].sum(axis=0, dtype=np.float64))
+    dt = _compute_dtype(dtype)
+    X = blas_ready(net.check_X(X), dt)
+    Ws, bs = net.unpack(theta)
+    upto = max(net.sparse_layers)
+    Wd = [blas_ready(W, dt) for W in Ws[:upto]]
+    bd = [b.astype(dt) for b in bs[:upto]]
+    acts = [get_activation(a) for a in net.activations[:upto]]
+    mm = matmul(dtype)
+    total: Sums | None = None
+    for rows in row_blocks(X.shape[0]):
+        a = X[rows]
+        part: Sums = {}
+        for l in range(1, upto + 1):
+            z = mm(a, Wd[l - 1].T)
+            z += bd[l - 1]
+            a = acts[l - 1].f(z)
+            if l in net.sparse_layers:
+                part[f"a{l}_sum"] = colsum(a)
+        total = accumulate(total, part)
+    sums.update(total)
     return sums
 
 
@@ -164,31 +190,61 @@ def _backprop(
     Y: np.ndarray | None,
     s: dict[int, np.ndarray],
     dtype,
-) -> tuple[Sums, list[np.ndarray]]:
-    """Error sum and gradient sums for one chunk, with sparsity terms ``s`` added to deltas."""
+    fused_layer1: bool = False,
+) -> Sums:
+    """Error sum and gradient sums for one chunk, with sparsity terms ``s`` added to deltas,
+    in row blocks of :data:`BLOCK_ROWS`.
+
+    With ``fused_layer1``, also the one-pass sums of layer 1 (:func:`fused`): ``"a1_sum"``,
+    ``"fpx1"`` and ``"fp1"``; ``fpx1`` and ``W1`` come from one matrix product.
+    """
     dt = _compute_dtype(dtype)
-    A = forward(net, theta, X, dtype=dt)
-    Y = A[0] if Y is None else blas_ready(_check_Y(net, Y, A[0].shape[0]), dt)
-    Ws, _ = net.unpack(theta)
+    X = blas_ready(net.check_X(X), dt)
+    if Y is not None:
+        Y = blas_ready(_check_Y(net, Y, X.shape[0]), dt)
+    Ws, bs = net.unpack(theta)
+    Wd = [blas_ready(W, dt) for W in Ws]
+    bd = [b.astype(dt) for b in bs]
+    sd = {l: v.astype(dt) for l, v in s.items()}
+    acts = [get_activation(a) for a in net.activations]
     L = net.n_layers
-    diff = A[L] - Y
-    sums: Sums = {
-        "count": _f64(A[0].shape[0]),
-        "err": _f64(0.5 * np.einsum("ij,ij->", diff, diff, dtype=np.float64)),
-    }
-    delta = get_activation(net.activations[L - 1]).fprime(A[L])  # a new array: scale in place
-    delta *= diff
-    del diff
-    for l in range(L, 0, -1):
-        sums[f"W{l}"] = _f64(delta.T @ A[l - 1])
-        sums[f"b{l}"] = _f64(delta.sum(axis=0, dtype=np.float64))
-        if l > 1:
-            back = delta @ Ws[l - 1].astype(dt, copy=False)
-            if (l - 1) in s:
-                back += s[l - 1].astype(dt)
-            back *= get_activation(net.activations[l - 2]).fprime(A[l - 1])
-            delta = back
-    return sums, A
+    mm = matmul(dtype)
+    total: Sums | None = None
+    for rows in row_blocks(X.shape[0]):
+        A = [X[rows]]
+        for l in range(L):
+            z = mm(A[-1], Wd[l].T)
+            z += bd[l]
+            A.append(acts[l].f(z))
+        diff = A[L] - (A[0] if Y is None else Y[rows])
+        part: Sums = {"err": half_sqsum(diff)}
+        delta = acts[L - 1].fprime(A[L])  # a new array: scale in place
+        delta *= diff
+        del diff
+        for l in range(L, 0, -1):
+            part[f"b{l}"] = colsum(delta)
+            if l == 1 and fused_layer1:
+                h = net.sizes[1]
+                both = np.empty((delta.shape[0], 2 * h), dt)
+                both[:, :h] = delta
+                fp = both[:, h:]
+                fp[...] = acts[0].fprime(A[1])
+                prod = mm(both.T, A[0])
+                part["W1"] = prod[:h]
+                part["fpx1"] = prod[h:]
+                part["fp1"] = colsum(fp)
+                part["a1_sum"] = colsum(A[1])
+            else:
+                part[f"W{l}"] = mm(delta.T, A[l - 1])
+            if l > 1:
+                back = mm(delta, Wd[l - 1])
+                if (l - 1) in sd:
+                    back += sd[l - 1]
+                back *= acts[l - 2].fprime(A[l - 1])
+                delta = back
+        total = accumulate(total, part)
+    total["count"] = _f64(X.shape[0])
+    return total
 
 
 def _check_Y(net: Network, Y: np.ndarray, m: int) -> np.ndarray:
@@ -226,15 +282,14 @@ def pass2(
         and ``"b{l}"`` of shape (n_l,).
     """
     if net.kind != "sigmoid-kl":
-        return dictionary.pass2(net, theta, X, rho_hat_, Y, _compute_dtype(dtype))
+        return dictionary.pass2(net, theta, X, rho_hat_, Y, _compute_dtype(dtype), matmul(dtype))
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
     s = sparsity_delta(net, rho_hat_)
     if not all(np.all(np.isfinite(sl)) for sl in s.values()):
         why = _not_finite_reason(net, theta, rho_hat_)
         raise FloatingPointError(f"objective: sparsity gradient is not finite: {why}")
-    sums, _ = _backprop(net, theta, X, Y, s, dtype)
-    return sums
+    return _backprop(net, theta, X, Y, s, dtype)
 
 
 def check_fused(net: Network) -> None:
@@ -268,16 +323,10 @@ def fused(
     """
     check_fused(net)
     if net.kind != "sigmoid-kl":
-        return dictionary.pass2(net, theta, X, None, Y, _compute_dtype(dtype))
+        return dictionary.pass2(net, theta, X, None, Y, _compute_dtype(dtype), matmul(dtype))
     if Y is None and net.sizes[-1] != net.sizes[0]:
         raise ValueError("Y: targets are required when the output size differs from the input")
-    sums, A = _backprop(net, theta, X, Y, {}, dtype)
-    if 1 in net.sparse_layers:
-        fp = get_activation(net.activations[0]).fprime(A[1])
-        sums["a1_sum"] = _f64(A[1].sum(axis=0, dtype=np.float64))
-        sums["fpx1"] = _f64(fp.T @ A[0])
-        sums["fp1"] = _f64(fp.sum(axis=0, dtype=np.float64))
-    return sums
+    return _backprop(net, theta, X, Y, {}, dtype, fused_layer1=1 in net.sparse_layers)
 
 
 def batch_stats(net: Network, sums1: Sums, previous: dict | None, decay: float) -> dict:
