@@ -49,6 +49,8 @@ import numpy as np
 import zarr
 from zarr.core.sync import sync
 
+from sae.objective import array_dtype
+
 FORMAT_VERSION = 1
 ARRAY_NAME = "X"
 DEFAULT_CHUNK_BYTES = 16 * 2**20
@@ -504,8 +506,9 @@ def read_chunk(
     path : str or path
     i : int
         Chunk index.
-    dtype : {"float64", "float32"}
-        Returned dtype (float16 and bfloat16 data convert to it exactly).
+    dtype : {"float64", "float32", "bfloat16"}
+        Returned dtype (float16 and bfloat16 data convert to it exactly); the bfloat16
+        compute dtype reads float32 (:func:`sae.objective.array_dtype`).
     scale : float, optional
         Overrides the dataset's scale attribute (saves opening the group attributes).
 
@@ -543,6 +546,7 @@ def read_chunk(
         raise ChunkError(f"chunk {i} of {spath}: cannot be read ({why})") from exc
     if scale is None:
         scale = float(zarr.open_group(spath, mode="r").attrs.get("scale", 1.0))
+    dtype = array_dtype(dtype)
     out = _decode(raw, X).astype(dtype, copy=False)
     if scale != 1.0:
         return _finite_chunk(_scaled(out, scale, dtype), i, rows, spath)

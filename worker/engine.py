@@ -564,7 +564,7 @@ class DistributedObjective:
 
     def _stage_nbytes(self) -> int:
         """Bytes of the decoded stage data (inputs, and raw targets) in the compute dtype."""
-        item = np.dtype(self.dtype).itemsize
+        item = np.dtype(obj.array_dtype(self.dtype)).itemsize
         m = self.info.shape[0]
         n = self.net.sizes[0]
         if self.encoder is not None and self.target == "input":

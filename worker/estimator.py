@@ -134,8 +134,8 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
         Learning rate of ``gd``.
     passes : {"two", "fused"}
         Chunk passes of the objective.
-    dtype : {"float64", "float32"}
-        Compute dtype.
+    dtype : {"float64", "float32", "bfloat16"}
+        Compute dtype (bfloat16: matrix products through PyTorch, the rest in float32).
     seed : int
         Seed of the initial weights (and of the minibatches' shuffle).
     client : distributed.Client, optional
@@ -458,7 +458,7 @@ class SparseAutoencoder(TransformerMixin, BaseEstimator):
             path = Path(tmp) / "X"
             rows = self._chunk_rows(int(X.chunks[0][0]))
             blocks = (np.asarray(b.compute(), dtype=np.float64) for b in X.to_delayed()[:, 0])
-            dtype = "float32" if self.dtype == "float32" else "float64"
+            dtype = "float64" if self.dtype == "float64" else "float32"
             write_dataset(
                 path,
                 blocks,

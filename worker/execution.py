@@ -28,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 
+from sae import objective as obj
 from worker import layout
 from worker.engine import (
     POLL_SECONDS,
@@ -332,7 +333,7 @@ def _data_sizes(dataset_path: str, stage: Stage) -> dict:
         info = open_dataset(dataset_path)
     except Exception:  # noqa: BLE001 - only for a message
         return {}
-    item = np.dtype(stage.dtype).itemsize
+    item = np.dtype(obj.array_dtype(stage.dtype)).itemsize
     m, n = info.shape
     return {"chunk_bytes": info.chunk_rows * n * item, "data_bytes": m * n * item}
 

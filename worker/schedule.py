@@ -15,6 +15,7 @@ from typing import Literal
 
 import numpy as np
 
+from sae import objective as obj
 from sae.activations import get_activation
 from sae.deep import DeepArchitecture
 from sae.dictionary import Dictionary
@@ -459,7 +460,7 @@ class Schedule:
         width = net.sizes[0]
         if sid.kind == "pretrain" and self.arch.stage_target(sid.index) == "input":
             width += self.info.shape[1]
-        return m * width * np.dtype(self.spec.dtype).itemsize
+        return m * width * np.dtype(obj.array_dtype(self.spec.dtype)).itemsize
 
     def stage_execution(self, sid: StageId) -> Execution:
         """Where stage ``sid`` runs.

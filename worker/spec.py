@@ -139,7 +139,12 @@ class TrainSpec(BaseModel):
     )
     max_iter: int = Field(400, ge=0, le=MAX_ITER, description="Iterations (per stage)")
     passes: Literal["two", "fused"] = "two"
-    dtype: Literal["float64", "float32"] = "float64"
+    dtype: Literal["float64", "float32", "bfloat16"] = Field(
+        "float64",
+        description="Compute dtype; sums are float64 whatever it is. bfloat16: matrix "
+        "products in bfloat16 with float32 accumulation (PyTorch's CPU build, an optional "
+        "install), the rest in float32",
+    )
     seed: int = Field(0, ge=0, le=2**32 - 1)
     pretrain: Literal["previous", "input", "none"] = "previous"
     decoder_init: Literal["pretrained", "transpose"] = "pretrained"
@@ -244,6 +249,20 @@ class TrainSpec(BaseModel):
                 raise ValueError(f"hidden: layer sizes must be >= 1, got {h}")
             if h > MAX_UNITS:
                 raise ValueError(f"hidden: layer sizes must be <= {MAX_UNITS}, got {h}")
+        return v
+
+    @field_validator("dtype")
+    @classmethod
+    def _check_dtype(cls, v: str) -> str:
+        if v == "bfloat16":
+            import importlib.util
+
+            if importlib.util.find_spec("torch") is None:
+                raise ValueError(
+                    "dtype: bfloat16 products need PyTorch's CPU build where the jobs run "
+                    "(pip install torch==2.13.0 --index-url "
+                    "https://download.pytorch.org/whl/cpu); float32 needs nothing more"
+                )
         return v
 
     @model_validator(mode="after")
