@@ -11,6 +11,8 @@ COPY pyproject.toml README.md ./
 COPY sae ./sae
 COPY worker ./worker
 COPY service ./service
+# the allocator settings of the worker processes (deploy/dask.yaml says why)
+COPY deploy/dask.yaml /etc/dask/sae-workers.yaml
 RUN pip install . \
     && useradd --create-home --uid 1000 sae \
     && mkdir -p /data /state \

@@ -59,6 +59,29 @@ def test_distributed_equals_in_memory(two_workers, small, passes, cache, single)
     assert f.n_evals == 2
 
 
+def _malloc_env() -> dict:
+    return {k: os.environ.get(k) for k in ("MALLOC_MMAP_THRESHOLD_", "MALLOC_TRIM_THRESHOLD_")}
+
+
+def test_workers_start_with_the_allocator_settings_of_the_kernels(two_workers):
+    """Dask's MALLOC_TRIM_THRESHOLD_ alone makes every block temporary a fresh mmap (a 1.5x
+    slower kernel in a worker): the embedded cluster's workers start with glibc's mmap
+    threshold above a block's temporaries and below a chunk's size (worker.cluster)."""
+    from worker.cluster import MALLOC_ENV
+
+    envs = two_workers.run(_malloc_env)
+    assert len(envs) == 2 and all(env == MALLOC_ENV for env in envs.values()), envs
+    assert int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 1024 * 784 * 8  # a float64 block
+    # the same settings for the workers of docker compose and of a cluster started by hand,
+    # as Dask itself reads its configuration files
+    import dask.config
+
+    repo = Path(__file__).resolve().parents[1]
+    conf = dask.config.collect(paths=[str(repo / "deploy")], env={})
+    spawn = conf["distributed"]["nanny"]["pre-spawn-environ"]
+    assert {k: str(v) for k, v in spawn.items()} == MALLOC_ENV
+
+
 def test_tanh_linear_no_sparsity(two_workers, small):
     path, X = small
     net = Network.autoencoder(
