@@ -14,12 +14,20 @@ with the same code size:
 
 Prints the squared reconstruction error per image (sum over the 784 pixels of
 ``(x - x_hat)^2``, mean over images) on training and held-out digits, and the wall times;
-PASS when the pretrained deep autoencoder beats PCA on the held-out digits.
+PASS when the pretrained deep autoencoder beats PCA on the held-out digits. After each run,
+the GFLOP/s of each stage's training (its evaluations x the flops of its network's objective,
+``benchmarks/peak.py``; the frozen encoders recomputed in the tasks not counted) and of the
+whole job, with their share of the matrix-multiply peak of the compute dtype: a stage run as
+one task (``local``) against the 1-thread peak, a distributed one against the peak with as
+many threads as workers.
 
 ``--cost`` instead times, per chunk of digits, the frozen encoder's forward pass that a
 pretraining stage recomputes in its tasks against the stage's own two-pass evaluation, for
 784-1000-500-250-30 (the figures behind docs/deep-autoencoders.md: why codes are computed in the
-tasks instead of writing them to Zarr).
+tasks instead of writing them to Zarr), on one BLAS thread (as in a task), each also in GFLOP/s
+with its share of the 1-thread float64 peak.
+
+Both measure the peaks once, at the start of the run.
 
     python benchmarks/bench_deep_mnist.py [--hidden 128,32,8] [--max-iter 40]
         [--finetune-iter 100] [--train 8000] [--targets previous,input]
@@ -30,11 +38,16 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak import measure_peaks, network_flops, share, stage_work  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -47,8 +60,20 @@ def _table(rows: list[tuple]) -> str:
     return "\n".join(lines)
 
 
+def _forward_flops(sizes, rows: int) -> float:
+    """Flops of a forward pass through layers ``sizes`` over ``rows`` examples."""
+    return sum(2.0 * rows * a * b for a, b in zip(sizes[:-1], sizes[1:], strict=True))
+
+
 def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
-    """Per-chunk seconds: frozen encoder forward vs the stage's own evaluation."""
+    """Per-chunk seconds: frozen encoder forward vs the stage's own evaluation, one thread."""
+    from threadpoolctl import threadpool_limits
+
+    with threadpool_limits(1, user_api="blas"):
+        _cost_figures(X, chunk, repeat, measure_peaks([1]))
+
+
+def _cost_figures(X: np.ndarray, chunk: int, repeat: int, peaks: dict) -> None:
     from sae import objective as obj
     from sae.deep import DeepArchitecture
 
@@ -67,6 +92,7 @@ def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
     print(f"per chunk of {chunk} digits, one thread, float64, two passes (best of {repeat}):")
     print(f"{'stage':<22} {'encoder fwd':>12} {'stage eval':>11} {'ratio':>7} {'input B/ex':>11}")
     tot_enc = tot_stage = 0.0
+    gflop = []
     for k in range(1, 5):
         sn = arch.stage_network(k)
         enc = arch.stage_encoder(thetas, k)
@@ -80,11 +106,43 @@ def cost_figures(X: np.ndarray, chunk: int = 2000, repeat: int = 7) -> None:
             f"{arch.stage_network(k).sizes!s:<22} {t_enc:>11.3f}s {t_stage:>10.3f}s "
             f"{t_enc / t_stage:>7.2f} {4 * sn.sizes[0]:>11d}"
         )
+        f_enc = 0.0 if enc is None else _forward_flops(enc[0].sizes, chunk)
+        f_stage = network_flops(sn, chunk)
+        gflop.append((f_enc, f_stage))
+        encoder = "-" if enc is None else share(f_enc, t_enc, peaks, "float64", 1)
+        print(f"{'':<22}   encoder {encoder}; stage {share(f_stage, t_stage, peaks, 'float64', 1)}")
     print(
         f"all stages: encoder {tot_enc:.3f}s + stages {tot_stage:.3f}s per chunk: recomputing "
         f"adds {100 * tot_enc / tot_stage:.0f}% (x2 with two passes and no chunk cache); raw "
         "digit: 784 B/ex as uint8"
     )
+    f_enc, f_stage = (sum(f) for f in zip(*gflop, strict=True))
+    print(
+        f"all stages: encoder {share(f_enc, tot_enc, peaks, 'float64', 1)}; "
+        f"stages {share(f_stage, tot_stage, peaks, 'float64', 1)}"
+    )
+
+
+def _speeds(spec, info, root: Path, hist: list[dict], seconds: float, peaks, workers: int) -> str:
+    """GFLOP/s and share of the peak of each stage of a finished job, and of the whole job."""
+    from worker.schedule import Schedule, training_rows
+
+    schedule = Schedule(spec, info, root)
+    ids = {sid.label: sid for sid in schedule.ids}
+    work = stage_work(
+        hist,
+        lambda label: schedule.stage_network(ids[label]),
+        training_rows(spec, info),
+    )
+    execution = {label: schedule.stage_execution(ids[label]) for label in work}
+    threads = {label: 1 if e == "local" else workers for label, e in execution.items()}
+    parts = [
+        f"{label} ({execution[label]}): {share(f, s, peaks, spec.dtype, threads[label])}"
+        for label, (f, s) in work.items()
+    ]
+    total = sum(f for f, _ in work.values())
+    t = max(threads.values(), default=1)  # the stages run one after the other
+    return "; ".join(parts) + f"; whole job (wall): {share(total, seconds, peaks, spec.dtype, t)}"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -122,10 +180,12 @@ def main(argv: list[str] | None = None) -> int:
         cost_figures(X)
         return 0
     from worker.cluster import get_client
-    from worker.dataset import write_dataset
+    from worker.dataset import open_dataset, write_dataset
     from worker.layout import load_model
     from worker.spec import TrainSpec
     from worker.train import train
+
+    peaks = measure_peaks([1, args.workers], bf16=args.dtype == "bfloat16")
 
     hidden = [int(h) for h in args.hidden.split(",")]
     K = len(hidden)
@@ -207,6 +267,10 @@ def main(argv: list[str] | None = None) -> int:
                 f"{s}: {len(v) - 1} it {v[-1]['seconds']:.0f}s" for s, v in per_stage.items()
             )
             print(f"{name}: {res.status}, {res.evaluations} evaluations ({detail})", flush=True)
+            speeds = _speeds(
+                spec, open_dataset(ds), base / kw["pretrain"], hist, sec, peaks, args.workers
+            )
+            print(f"  {speeds}")
             rows.append((name, tr, te, sec))
             results[kw["pretrain"]] = te
     print()

@@ -12,6 +12,13 @@ total, and both sides compute in the same dtype):
    iterations) with ``worker.train.train`` (auto execution: one task next to its data) against a
    plain in-memory ``scipy.optimize.minimize(method="L-BFGS-B")`` run.
 
+Beside every speed of 1. 2. and 5., its GFLOP/s (the matrix products of the objective,
+``benchmarks/peak.py``: 12 m n h per evaluation of a sparse autoencoder) and its share of this
+machine's matrix-multiply peak of the same dtype, measured at the start of the run (printed
+first) with the thread count of that side: the in-memory baseline with T BLAS threads against
+the T-thread peak, the engine's W workers x 1 thread against the W-thread peak (not W x the
+1-thread peak), a one-task job against the 1-thread peak.
+
     python benchmarks/bench_engine.py [--rows 40000] [--features 784] [--hidden 196]
 """
 
@@ -28,6 +35,39 @@ import time
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak import blas_threads, measure_peaks, network_flops, share  # noqa: E402
+
+#: Compute dtypes of the throughput figures (bfloat16 is timed, and its peak measured, only
+#: when it is listed here).
+DTYPES = ("float64", "float32")
+try:  # the bfloat16 path, where PyTorch is installed
+    import torch  # noqa: F401
+
+    DTYPES += ("bfloat16",)
+except ImportError:
+    pass
+
+
+def _read_rows(path: str, i: int, dtype: str) -> int:
+    from worker.dataset import read_chunk
+
+    return int(read_chunk(path, i, dtype).shape[0])
+
+
+def read_bound(client, path: str, dtype: str, n_chunks: int, rounds: int) -> float:
+    """Median seconds to read and decode every chunk once on the workers (no compute): the
+    disk/decode bound of an out-of-core evaluation."""
+    times = []
+    for _ in range(rounds):
+        t = time.perf_counter()
+        futs = client.map(_read_rows, [path] * n_chunks, range(n_chunks), [dtype] * n_chunks,
+                          pure=False)  # fmt: skip
+        client.gather(futs)
+        times.append(time.perf_counter() - t)
+    return float(np.median(times))
 
 
 def _median(xs) -> float:
@@ -47,10 +87,12 @@ def _interleaved(fns: dict, rounds: int) -> dict[str, list[float]]:
     return times
 
 
-def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
+def bench_throughput(client, tmp: Path, args, total_threads: int, peaks: dict) -> None:
+    from threadpoolctl import threadpool_limits
+
     from sae import objective as obj
     from sae.network import Network
-    from worker.dataset import read_all, write_dataset
+    from worker.dataset import open_dataset, read_all, write_dataset
     from worker.engine import DistributedObjective
 
     m, n, h = args.rows, args.features, args.hidden
@@ -69,7 +111,8 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
         f"\n== throughput: {m} x {n} float32 stored ({m * n * 4 / 2**20:.0f} MB), network "
         f"{net.sizes}, {total_threads} threads in total on both sides, {args.rounds} rounds"
     )
-    for dtype in ("float64", "float32"):
+    engine = f" ({total_threads} workers x 1 thread)"
+    for dtype in DTYPES:
         X = read_all(path, dtype=dtype)
         fns = {}
         for passes in ("two", "fused"):
@@ -84,12 +127,23 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
                     print("  (cache does not fit: skipped)")
                     continue
                 fns[f"{'cached' if cache else 'ooc'}-{passes}"] = lambda f=f: f(theta)
-        times = _interleaved(fns, args.rounds)
+        with threadpool_limits(total_threads, user_api="blas"):  # the in-memory side's BLAS
+            times = _interleaved(fns, args.rounds)
+        n_chunks = open_dataset(path).n_chunks
+        bound = read_bound(client, str(path), dtype, n_chunks, args.rounds)
+        limit = network_flops(net, m) / (peaks[total_threads][dtype] * 1e9)
         print(f"-- dtype {dtype}")
+        print(
+            f"  bounds of one evaluation: GEMM-bound {limit * 1000:.1f} ms (12 m n h flops at the "
+            f"{total_threads}-thread {dtype} peak); reading and decoding every chunk once on the "
+            f"workers {bound * 1000:.1f} ms"
+        )
         for passes in ("two", "fused"):
+            flops = network_flops(net, m)
             base = _median(times[f"inmem-{passes}"])
             print(
-                f"  in-memory {passes:5s}: {base * 1000:8.1f} ms/eval  {m / base:12,.0f} samples/s"
+                f"  in-memory {passes:5s}: {base * 1000:8.1f} ms/eval  {m / base:12,.0f} "
+                f"samples/s  {share(flops, base, peaks, dtype, total_threads)}"
             )
             for kind in ("ooc", "cached"):
                 key = f"{kind}-{passes}"
@@ -99,7 +153,9 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
                 label = "out-of-core" if kind == "ooc" else "cached"
                 print(
                     f"  {label:11s} {passes:5s}: {t * 1000:8.1f} ms/eval  {m / t:12,.0f} "
-                    f"samples/s  ratio to in-memory {base / t:.2f}x"
+                    f"samples/s  ratio to in-memory {base / t:.2f}x  "
+                    f"{share(flops, t, peaks, dtype, total_threads, engine)}"
+                    + (f"; {bound / t:.2f}x the read bound" if kind == "ooc" else "")
                 )
         RESULTS[dtype] = {k: _median(v) for k, v in times.items()}
         del X
@@ -107,6 +163,11 @@ def bench_throughput(client, tmp: Path, args, total_threads: int) -> None:
     for k in RESULTS["float64"]:
         if k in RESULTS["float32"]:
             print(f"  {k:14s}: {RESULTS['float64'][k] / RESULTS['float32'][k]:.2f}x")
+    if "bfloat16" in RESULTS:
+        print("-- bfloat16 speed-up over float32 (median time float32 / bfloat16)")
+        for k in RESULTS["float32"]:
+            if k in RESULTS["bfloat16"]:
+                print(f"  {k:14s}: {RESULTS['float32'][k] / RESULTS['bfloat16'][k]:.2f}x")
 
 
 RESULTS: dict = {}
@@ -178,7 +239,7 @@ def _scipy_job_subprocess(path: str, max_iter: int, blas_threads: int | None) ->
     return json.loads(out.stdout.strip().splitlines()[-1])
 
 
-def bench_small_job(client, tmp: Path, args) -> None:
+def bench_small_job(client, tmp: Path, args, peaks: dict) -> None:
     from sae.network import Network
     from sae.preprocess import normalize_patches, photographs, sample_patches
     from worker.dataset import write_dataset
@@ -214,15 +275,19 @@ def bench_small_job(client, tmp: Path, args) -> None:
     o = _median(ours)
     nit, nfev, fun = info["scipy"]
     it, ev, cost, execution = info["ours"]
+    per_eval = network_flops(net, X.shape[0])
     for threads, label in (("default", "BLAS default threads"), ("1", "BLAS 1 thread")):
         b = _median(base[threads])
+        t = blas_threads() if threads == "default" else 1
         print(
             f"  scipy L-BFGS-B in memory ({label:20s}): {b:6.2f} s  ({nit} iterations, "
-            f"{nfev} evals, J {fun:.6f})"
+            f"{nfev} evals, J {fun:.6f})  {share(nfev * per_eval, b, peaks, 'float64', t)}"
         )
+    t = 1 if execution == "local" else args.workers  # one task on one worker, or all workers
     print(
         f"  sae train ({execution} execution, whole job: artifacts, checkpoints)  : {o:6.2f} s  "
-        f"({it} iterations, {ev} evals, J {cost:.6f})"
+        f"({it} iterations, {ev} evals, J {cost:.6f})  "
+        f"{share(ev * per_eval, o, peaks, spec.dtype, t)}"
     )
     best = min(_median(base["default"]), _median(base["1"]))
     print(
@@ -258,15 +323,21 @@ def main(argv: list[str] | None = None) -> int:
         f"bench_engine: {os.cpu_count()} CPUs, {args.workers} workers x 1 thread, "
         f"memory limit {args.memory_limit} per worker, load {os.getloadavg()}"
     )
+    threads = set()
+    if "throughput" in only:
+        threads.add(args.workers)
+    if "job" in only:
+        threads |= {1, blas_threads(), args.workers}
+    peaks = measure_peaks(threads, bf16="bfloat16" in DTYPES)  # before the cluster starts
     try:
         with get_client(workers=args.workers, memory_limit=args.memory_limit) as (client, _):
             print(f"dashboard: {client.dashboard_link}")
             if "throughput" in only:
-                bench_throughput(client, tmp, args, args.workers)
+                bench_throughput(client, tmp, args, args.workers, peaks)
             if "overhead" in only:
                 bench_overhead(client, tmp, args)
             if "job" in only:
-                bench_small_job(client, tmp, args)
+                bench_small_job(client, tmp, args, peaks)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     print(f"\nload average at the end: {os.getloadavg()}")

@@ -20,11 +20,16 @@ latent being dead after an epoch's rows without firing. The figures are the held
 active latents; for sigmoid units, those above 0.1), explained variance and dead latents
 (:mod:`sae.metrics`). It prints a table, a verdict on "TopK beats L1 at low L0" per dataset
 (the explained-variance gap at the L0 values both reach, interpolated on log L0), and draws
-``docs/frontier.png``.
+``docs/frontier.png``. Beside each model's training seconds, its GFLOP/s and their share of the
+float32 matrix-multiply peak with the BLAS threads the training uses (its default).
 
 ``throughput`` times one full-batch evaluation (cost and gradient) of each kind on 10,000 x
-784 float64 rows, 256 latents, in one thread, and prints samples/s and the ratio to the
-classic kind.
+784 float64 rows, 256 latents, in one thread, and prints samples/s, the ratio to the classic
+kind, GFLOP/s and their share of the 1-thread float64 peak.
+
+Both measure the peak once at their start (``benchmarks/peak.py``) and count the flops of the
+objective's matrix products: 12 m n h per evaluation of the sigmoid-kl kind (two passes) and of
+topk with AuxK (its products on the dead latents not counted), 10 m n h for relu-l1 and topk.
 """
 
 from __future__ import annotations
@@ -40,6 +45,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from peak import blas_threads, measure_peaks, network_flops, share  # noqa: E402
 
 from sae import objective as obj  # noqa: E402
 from sae.dictionary import Dictionary  # noqa: E402
@@ -148,7 +156,12 @@ def frontier(args) -> None:
         print(f"MNIST not found at {MNIST}: get t10k-images-idx3-ubyte.gz from the MNIST site")
         datasets.pop("MNIST digits")
     results = []
-    print(f"{'dataset':26s} {'kind':10s} {'knob':>9s} {'L0':>7s} {'EV':>7s} {'dead':>6s} {'s':>6s}")
+    threads = blas_threads()  # fit's products run on BLAS's default threads
+    peak = measure_peaks([threads])[threads].get("float32")
+    print(
+        f"{'dataset':26s} {'kind':10s} {'knob':>9s} {'L0':>7s} {'EV':>7s} {'dead':>6s} {'s':>6s} "
+        f"{'GFLOP/s':>8s} {'peak':>5s}  (peak: the {threads}-thread float32 peak)"
+    )
     for name, (load, h) in datasets.items():
         train, held = load()
         for kind, (knob_name, values) in SWEEPS.items():
@@ -157,6 +170,7 @@ def frontier(args) -> None:
                 t0 = time.perf_counter()
                 theta = fit(net, train, args.epochs)
                 seconds = time.perf_counter() - t0
+                gflops = args.epochs * len(train) * network_flops(net, 1) / seconds / 1e9
                 m = measure(net, theta, held)
                 row = dict(
                     dataset=name,
@@ -173,7 +187,8 @@ def frontier(args) -> None:
                 print(
                     f"{name:26s} {kind:10s} {knob_name + '=' + format(v, 'g'):>9s} "
                     f"{m['l0']:7.2f} {m['explained_variance']:7.4f} "
-                    f"{100 * m['dead_fraction']:5.1f}% {seconds:6.1f}",
+                    f"{100 * m['dead_fraction']:5.1f}% {seconds:6.1f} "
+                    f"{gflops:8.1f} {gflops / peak:5.0%}",
                     flush=True,
                 )
     print()
@@ -257,6 +272,7 @@ def throughput(args) -> None:
         "topk k=32 + AuxK": Dictionary.of("topk", 784, h, k=32, k_aux=64),
     }
     base = None
+    peaks = measure_peaks([1])
     print(f"one evaluation of 10,000 x 784 rows, {h} latents, float64, 1 thread")
     with threadpool_limits(1):
         for name, net in nets.items():
@@ -271,7 +287,10 @@ def throughput(args) -> None:
             t = float(np.median(times))
             rate = len(X) / t
             base = base or rate
-            print(f"  {name:26s} {t:7.3f} s  {rate:9.0f} samples/s  {rate / base:5.2f}x")
+            print(
+                f"  {name:26s} {t:7.3f} s  {rate:9.0f} samples/s  {rate / base:5.2f}x  "
+                f"{share(network_flops(net, len(X)), t, peaks, 'float64', 1)}"
+            )
 
 
 def main() -> None:

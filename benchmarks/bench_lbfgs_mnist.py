@@ -3,7 +3,9 @@
 Setting: 784-196-784 sigmoid autoencoder, rho = 0.1, lambda = 3e-3, beta = 3, the 10,000
 digits of ``t10k-images-idx3-ubyte.gz`` scaled to [0, 1], 400 iterations, the same initial
 theta for both. Prints final costs, their ratio, iterations, evaluations and wall times, and
-PASS when our cost is within 1% of scipy's (or lower).
+PASS when our cost is within 1% of scipy's (or lower). Beside each wall time, the GFLOP/s of
+the evaluations (12 m n h each: ``benchmarks/peak.py``) and their share of the float64
+matrix-multiply peak with BLAS's default threads (both runs use them), measured at the start.
 
     python benchmarks/bench_lbfgs_mnist.py [--mnist DIR] [--max-iter 400] [--seed 0]
 """
@@ -11,6 +13,7 @@ PASS when our cost is within 1% of scipy's (or lower).
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 from pathlib import Path
 
@@ -20,6 +23,10 @@ import scipy.optimize
 import sae
 from sae.mnist import load_idx
 from sae.optimize import OptimizerState, minimize
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak import blas_threads, measure_peaks, network_flops, share  # noqa: E402
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -32,11 +39,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--hidden", type=int, default=196)
     parser.add_argument("--passes", choices=["two", "fused"], default="fused")
     args = parser.parse_args(argv)
+    threads = blas_threads()  # both runs' products: numpy's BLAS, default threads
+    peaks = measure_peaks([threads])
 
     images = load_idx(args.mnist / "t10k-images-idx3-ubyte.gz")
     X = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
     net = sae.Network.autoencoder(X.shape[1], args.hidden, lam=3e-3, rho=0.1, beta=3)
     theta0 = net.init_theta(args.seed)
+    per_eval = network_flops(net, X.shape[0])
     print(
         f"MNIST {X.shape[0]} x {X.shape[1]}, network {net.sizes}, {net.n_params} parameters, "
         f"max_iter {args.max_iter}, seed {args.seed}, passes {args.passes}"
@@ -58,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         f"ours  lbfgs     : cost {ours.J:.6f}  iterations {ours.iteration}  "
         f"evaluations {ours.n_evals}  wall {t_ours:.1f} s  ({ours.status}: {ours.message})"
     )
+    print(f"                  {share(ours.n_evals * per_eval, t_ours, peaks, 'float64', threads)}")
 
     calls[0] = 0
     t0 = time.perf_counter()
@@ -69,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
         f"scipy L-BFGS-B  : cost {ref.fun:.6f}  iterations {ref.nit}  "
         f"evaluations {calls[0]}  wall {t_ref:.1f} s  ({ref.message})"
     )
+    print(f"                  {share(calls[0] * per_eval, t_ref, peaks, 'float64', threads)}")
 
     ratio = ours.J / ref.fun
     ok = ours.J <= 1.01 * ref.fun

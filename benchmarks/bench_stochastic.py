@@ -3,18 +3,23 @@
 ``throughput``: samples/s of Adam steps on a 784-196 sparse autoencoder, batch 4,096, on an
 embedded cluster of 2 workers x 1 thread, against a plain in-memory numpy loop over the same
 batches (the same objective and Adam step, 2 BLAS threads, the data already in memory),
-measured in the same run; both as a fraction of this machine's matrix-multiply peak (a
-4096x784x196 GEMM on 2 threads, measured here), counting 12 B n h flops per step (two-pass
-objective: forward twice, backward three products).
+measured in the same run; both in samples/s and in GFLOP/s with their share of this machine's
+matrix-multiply peak of the same dtype on 2 threads (``benchmarks/peak.py``, measured at the
+start of the run: 2 workers x 1 thread and 2 BLAS threads both against the 2-thread peak),
+counting 12 B n h flops per step (forward twice, backward three products).
 
 ``out-of-core``: one epoch over ``--rows`` x 784 float32 rows (default 1,000,000: 3.1 GB) on 2
 workers of ``--memory-limit`` (default 670 MB: the data do not fit), against the time to read
 the dataset once (every chunk, decoded, in one task per chunk) and against the compute time
-(the steps' work on data already in memory, the throughput measured on a dataset that fits).
+(the steps' work on data already in memory, the throughput measured on a dataset that fits);
+the epoch's samples/s and the compute rate also as GFLOP/s and share of the 2-thread float32
+peak.
 
 ``quality``: the UFLDL MNIST setting (784-196, rho 0.1, lambda 3e-3, beta 3, the 10,000 test
 digits): the full-dataset cost against wall time for Adam and for 400 iterations of L-BFGS,
-both on the cluster; writes ``--plot`` (PNG).
+both on the cluster, with each one's training GFLOP/s and share of the float64 peak (L-BFGS
+runs as one task on 1 thread when the digits fit ``LOCAL_BYTES``, Adam on 2 workers x 1
+thread); writes ``--plot`` (PNG).
 
     python benchmarks/bench_stochastic.py throughput [--steps 20]
     python benchmarks/bench_stochastic.py out-of-core [--rows 1000000]
@@ -24,42 +29,40 @@ both on the cluster; writes ``--plot`` (PNG).
 ``deep``: the deep autoencoder with a 30-unit linear code, sigmoid units elsewhere, trained with
 Adam on the first 8,000 test digits (1,000 of them, two chunks, held out for early stopping at
 each epoch's end), measured on the other 2,000: squared error per digit of the best model
-(``best.npz``) against PCA with 30 components fitted on the same 8,000.
+(``best.npz``) against PCA with 30 components fitted on the same 8,000; the training GFLOP/s
+of each stage and of the whole job and their share of the 2-thread float32 peak.
+
+Every mode measures the peaks it compares against once, at its start (``benchmarks/peak.py``;
+bfloat16 only for a path that computes in it).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from peak import measure_peaks, network_flops, share, stage_work  # noqa: E402
+
 REPO = Path(__file__).resolve().parent.parent
+#: Threads of the embedded cluster (2 workers x 1 thread) and of the in-memory numpy loop.
+THREADS = 2
+CLUSTER = f" ({THREADS} workers x 1 thread)"
+#: Compute dtypes of ``throughput`` (bfloat16's peak is measured only when it is listed).
+DTYPES = ("float64", "float32")
+try:  # and the bfloat16 path where PyTorch is installed
+    import torch  # noqa: F401
 
-
-def gemm_peak(dtype: str, threads: int = 2, repeat: int = 7) -> float:
-    """Median GFLOP/s of a 4096x784 @ 784x196 product on ``threads`` BLAS threads."""
-    from threadpoolctl import threadpool_limits
-
-    rng = np.random.default_rng(0)
-    A = rng.random((4096, 784)).astype(dtype)
-    B = rng.random((784, 196)).astype(dtype)
-    times = []
-    with threadpool_limits(threads, user_api="blas"):
-        for _ in range(repeat):
-            t = time.perf_counter()
-            for _ in range(10):
-                A @ B
-            times.append((time.perf_counter() - t) / 10)
-    return 2 * 4096 * 784 * 196 / float(np.median(times)) / 1e9
-
-
-def step_flops(batch: int, n: int = 784, h: int = 196) -> float:
-    """Flops of one two-pass step: 12 B n h (6 products of B x n x h)."""
-    return 12.0 * batch * n * h
+    DTYPES += ("bfloat16",)
+except ImportError:
+    pass
 
 
 def _write(path: Path, rows: int, dtype: str, chunk_rows: int, seed: int = 0) -> None:
@@ -116,7 +119,7 @@ def numpy_loop(X: np.ndarray, spec, steps: int) -> list[float]:
     b = Batches.of(X.shape[0], 2048, spec.batch_size, spec.seed + 0, spec.shuffle_window)
     st = StochasticState.start("adam", net.init_theta(spec.seed), optimizer_options(spec))
     rates = []
-    with threadpool_limits(2, user_api="blas"):
+    with threadpool_limits(THREADS, user_api="blas"):
         for t in range(steps):
             parts = b.parts(0, t % b.per_epoch)
             t0 = time.perf_counter()
@@ -129,12 +132,10 @@ def numpy_loop(X: np.ndarray, spec, steps: int) -> list[float]:
 
 def throughput(args) -> None:
     from worker.cluster import get_client
+    from worker.schedule import build_network
     from worker.train import train
 
-    print(
-        f"GEMM peak (4096x784x196, 2 threads): float64 {gemm_peak('float64'):.1f} GFLOP/s, "
-        f"float32 {gemm_peak('float32'):.1f} GFLOP/s"
-    )
+    peaks = measure_peaks([THREADS], bf16="bfloat16" in DTYPES)
     rows = 4096 * 10
     with (
         tempfile.TemporaryDirectory() as tmp,
@@ -143,23 +144,25 @@ def throughput(args) -> None:
             _,
         ),
     ):
-        for dtype in ("float64", "float32"):
+        for dtype in DTYPES:
             path = Path(tmp) / dtype
-            _write(path, rows, dtype, 2048)
+            from sae.objective import array_dtype
             from worker.dataset import read_all
 
-            X = read_all(path).astype(dtype)
+            _write(path, rows, array_dtype(dtype), 2048)
+            X = read_all(path).astype(array_dtype(dtype))
             spec = _spec(path, dtype, max_steps=args.steps, passes=args.passes)
             res = train(spec, Path(tmp) / f"job-{dtype}", client=client)
             hist = json.loads(Path(res.history_path).read_text())
             ours = float(np.median(_rates(hist)))
             base = float(np.median(numpy_loop(X, spec, args.steps)))
-            peak = gemm_peak(dtype)
-            flops = step_flops(spec.batch_size) / spec.batch_size
+            flops = network_flops(build_network(spec, 784), 1)  # per sample: 12 n h
             print(
-                f"{dtype}: ours {ours:,.0f} samples/s ({ours * flops / 1e9 / peak:.0%} of peak), "
-                f"in-memory numpy loop {base:,.0f} samples/s ({base * flops / 1e9 / peak:.0%} "
-                f"of peak): ratio {ours / base:.2f}x (median of {args.steps - 3} steps)"
+                f"{dtype}: ours {ours:,.0f} samples/s "
+                f"({share(ours * flops, 1.0, peaks, dtype, THREADS, CLUSTER)}), "
+                f"in-memory numpy loop {base:,.0f} samples/s "
+                f"({share(base * flops, 1.0, peaks, dtype, THREADS, f' ({THREADS} BLAS threads)')})"
+                f": ratio {ours / base:.2f}x (median of {args.steps - 3} steps)"
             )
 
 
@@ -168,8 +171,10 @@ def out_of_core(args) -> None:
 
     from worker.cluster import get_client
     from worker.dataset import open_dataset, read_chunk
+    from worker.schedule import build_network
     from worker.train import train
 
+    peaks = measure_peaks([THREADS])
     root = Path(args.dir)
     path = root / f"ooc-{args.rows}"
     if not path.exists():
@@ -178,7 +183,8 @@ def out_of_core(args) -> None:
         print(f"wrote {args.rows:,} x 784 float32 in {time.perf_counter() - t:.0f} s")
     info = open_dataset(path)
     gb = info.shape[0] * 784 * 4 / 1e9
-    with get_client(workers=2, threads_per_worker=1, memory_limit=args.memory_limit) as (c, _):
+    limit = args.memory_limit
+    with get_client(workers=THREADS, threads_per_worker=1, memory_limit=limit) as (c, _):
         t = time.perf_counter()
         futs = [
             c.submit(lambda i: read_chunk(str(path), i, "float32").shape, i, pure=False)
@@ -193,12 +199,16 @@ def out_of_core(args) -> None:
         wall = time.perf_counter() - t
         hist = json.loads(Path(res.history_path).read_text())
         steps = res.iterations
+    flops = network_flops(build_network(spec, 784), 1)  # per sample
     print(
         f"one epoch: {steps} steps of 4,096 rows in {wall:.1f} s "
-        f"({info.shape[0] / wall:,.0f} samples/s), status {res.status}"
+        f"({info.shape[0] / wall:,.0f} samples/s, "
+        f"{share(info.shape[0] * flops, wall, peaks, 'float32', THREADS, CLUSTER)}), "
+        f"status {res.status}"
     )
     print(
-        f"  compute at the in-memory throughput ({args.compute_rate:,.0f} samples/s, from "
+        f"  compute at the in-memory throughput ({args.compute_rate:,.0f} samples/s, "
+        f"{share(args.compute_rate * flops, 1.0, peaks, 'float32', THREADS)}, from "
         f"`throughput`): {info.shape[0] / args.compute_rate:.1f} s"
     )
     bound = max(read_s, info.shape[0] / args.compute_rate)
@@ -214,7 +224,7 @@ def quality(args) -> None:
     from worker.dataset import open_dataset, write_dataset
     from worker.engine import BatchObjective
     from worker.layout import read_history
-    from worker.schedule import Schedule
+    from worker.schedule import Schedule, build_network
     from worker.spec import TrainSpec
     from worker.stage import Hooks
     from worker.stage_id import StageId
@@ -224,9 +234,10 @@ def quality(args) -> None:
     images = load_idx(Path(args.mnist) / "t10k-images-idx3-ubyte.gz")
     X = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
     curves: dict[str, tuple[list[float], list[float]]] = {}
+    peaks = measure_peaks([1, THREADS])
     with (
         tempfile.TemporaryDirectory() as tmp,
-        get_client(workers=2, threads_per_worker=1) as (
+        get_client(workers=THREADS, threads_per_worker=1) as (
             c,
             _,
         ),
@@ -234,19 +245,28 @@ def quality(args) -> None:
         path = Path(tmp) / "mnist"
         write_dataset(path, X, *X.shape, dtype="float64", chunk_rows=1000, sample_shape=(28, 28))
         common = dict(dataset=str(path), hidden=196, lam=3e-3, rho=0.1, beta=3.0, passes="fused")
+        info = open_dataset(path)
+        lbfgs_spec = TrainSpec(**common, max_iter=args.lbfgs_iter)
+        net = build_network(lbfgs_spec, X.shape[1])  # Adam's too
+        execution = Schedule(lbfgs_spec, info, Path(tmp) / "lbfgs").executions()[0]
+        lbfgs_threads = 1 if execution == "local" else THREADS  # one task, or every worker
         lbfgs_history = Path(args.lbfgs_history) if args.lbfgs_history else None
         if lbfgs_history is None or not lbfgs_history.exists():
             out = Path(tmp) / "lbfgs"
-            train(TrainSpec(**common, max_iter=args.lbfgs_iter), out, client=c, refresh_seconds=1e9)
+            train(lbfgs_spec, out, client=c, refresh_seconds=1e9)
             h = read_history(out / "history.json")
             if lbfgs_history is not None:  # kept for later runs that tune Adam alone
                 lbfgs_history.write_text(json.dumps(h))
         else:
             h = read_history(lbfgs_history)
         curves["L-BFGS"] = ([e["seconds"] for e in h], [e["cost"] for e in h])
+        flops, seconds = stage_work(h, lambda _: net, X.shape[0])[None]
+        note = f" ({execution} execution)"
         print(
             f"L-BFGS: {len(h) - 1} iterations, cost {h[-1]['cost']:.5f}, "
-            f"{h[-1]['seconds']:.1f} s training"
+            f"{h[-1]['seconds']:.1f} s training "
+            f"({h[-1]['evaluations']} evaluations, "
+            f"{share(flops, seconds, peaks, 'float64', lbfgs_threads, note)})"
         )
 
         spec = TrainSpec(
@@ -259,7 +279,6 @@ def quality(args) -> None:
             log_every=args.log_every,
             checkpoint_every=10**6,
         )
-        info = open_dataset(path)
         stage = Schedule(spec, info, Path(tmp) / "adam").stage(StageId.single(), [])
         every = [(i, np.arange(1000)) for i in range(info.n_chunks)]  # all rows: the full cost
         stage = dataclasses.replace(
@@ -285,7 +304,18 @@ def quality(args) -> None:
         xs = [e["seconds"] - s for e, s in marks]
         ys = [e["val_cost"] for e, _ in marks]
         curves[f"Adam (batch {args.batch}, cosine)"] = (xs, ys)
-        print(f"Adam: {res.iterations} steps, full cost {ys[-1]:.5f}, {xs[-1]:.1f} s training")
+        adam = share(
+            marks[-1][0]["samples"] * network_flops(net, 1),
+            xs[-1],
+            peaks,
+            "float64",
+            THREADS,
+            CLUSTER,
+        )
+        print(
+            f"Adam: {res.iterations} steps, full cost {ys[-1]:.5f}, {xs[-1]:.1f} s training "
+            f"({adam}; the full-cost evaluations not counted)"
+        )
     lb_cost, lb_time = curves["L-BFGS"][1][-1], curves["L-BFGS"][0][-1]
     for x, y in zip(*curves[f"Adam (batch {args.batch}, cosine)"], strict=True):
         if y <= 1.01 * lb_cost:
@@ -319,13 +349,16 @@ def deep(args) -> None:
     from sae.deep import reconstruct
     from sae.mnist import load_idx
     from worker.cluster import get_client
-    from worker.dataset import write_dataset
+    from worker.dataset import open_dataset, write_dataset
     from worker.layout import load_model
+    from worker.schedule import Schedule
     from worker.spec import TrainSpec
+    from worker.stage_id import StageId
     from worker.train import train
 
     images = load_idx(Path(args.mnist) / "t10k-images-idx3-ubyte.gz")
     X = images.reshape(images.shape[0], -1).astype(np.float64) / 255.0
+    peaks = measure_peaks([THREADS])
     train_X, held = X[:8000], X[8000:]
     mean = train_X.mean(axis=0)
     _, _, Vt = np.linalg.svd(train_X - mean, full_matrices=False)
@@ -336,7 +369,7 @@ def deep(args) -> None:
     hidden = [int(h) for h in args.hidden.split(",")]
     with (
         tempfile.TemporaryDirectory() as tmp,
-        get_client(workers=2, threads_per_worker=1) as (c, _),
+        get_client(workers=THREADS, threads_per_worker=1) as (c, _),
     ):
         path = Path(tmp) / "digits"
         # 16 chunks of 500: a validation_fraction of 1/8 holds out 2 chunks = 1,000 digits
@@ -369,11 +402,26 @@ def deep(args) -> None:
         net, theta, _ = load_model(best if best.exists() else res.model_path)
         err = float(np.mean(np.sum((held - reconstruct(net, theta, held)) ** 2, axis=1)))
         tr = float(np.mean(np.sum((train_X - reconstruct(net, theta, train_X)) ** 2, axis=1)))
+        schedule = Schedule(spec, open_dataset(path), Path(tmp) / "job")
+        K = len(schedule.ids) - 1
+        work = stage_work(
+            json.loads(Path(res.history_path).read_text()),
+            lambda label: schedule.stage_network(StageId.from_label(label, K)),
+            rows=0,  # Adam: the entries count samples
+        )
     sizes = "-".join(str(n) for n in net.sizes[: len(net.sizes) // 2 + 1])
     print(
         f"deep {sizes} (adam, lam {args.lam:g}, lr {args.lr:g}, batch {args.batch}, "
         f"pretrain {args.pretrain}): {err:.3f} held out ({err / pca_err:.2f}x PCA), "
         f"{tr:.3f} on training digits, {seconds:.0f} s ({res.message})"
+    )
+    stages = "; ".join(
+        f"{label}: {share(f, s, peaks, spec.dtype, THREADS)}" for label, (f, s) in work.items()
+    )
+    total = sum(f for f, _ in work.values())
+    print(
+        f"  training GFLOP/s{CLUSTER}: {stages}; whole job ({seconds:.0f} s wall): "
+        f"{share(total, seconds, peaks, spec.dtype, THREADS)} (held-out checks not counted)"
     )
 
 
