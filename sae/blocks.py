@@ -8,6 +8,10 @@ on the chunk and theta: never on the machine, the process or the number of worke
 
 from __future__ import annotations
 
+import contextlib
+import threading
+from collections.abc import Iterator
+
 import numpy as np
 
 Sums = dict[str, np.ndarray]
@@ -50,6 +54,7 @@ def accumulate(total: Sums | None, part: Sums) -> Sums:
 COMPUTE = ("float64", "float32", "bfloat16")
 
 _torch = None
+_pins = threading.local()
 
 
 def _load_torch():
@@ -57,29 +62,48 @@ def _load_torch():
     if _torch is None:
         try:
             import torch
-        except ImportError:
+        except (ImportError, OSError) as exc:  # absent, or a broken install (a missing library)
             raise ValueError(
                 "dtype: bfloat16 products need PyTorch's CPU build (pip install "
                 "torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu); float32 "
-                "and float64 need nothing more"
+                f"and float64 need nothing more ({type(exc).__name__}: {exc})"
             ) from None
         import warnings
 
-        from threadpoolctl import threadpool_info
-
         # chunks from the cache are read-only; the products never write into their operands
         warnings.filterwarnings("ignore", message="The given NumPy array is not writable")
-        # as many threads as BLAS has now (one in the engine's tasks, which pin it first)
-        blas = [i["num_threads"] for i in threadpool_info() if i["user_api"] == "blas"]
-        torch.set_num_threads(max(1, min(blas, default=torch.get_num_threads())))
         _torch = torch
     return _torch
 
 
+@contextlib.contextmanager
+def one_torch_thread() -> Iterator[None]:
+    """PyTorch's products in this thread on one intra-op thread while the body runs
+    (re-entrant; the engine enters it with its one-BLAS-thread pin). PyTorch's thread count
+    belongs to the calling thread (OpenMP), so the pin is per thread too: the first bfloat16
+    product inside it sets one thread, and the count before comes back when the outermost
+    block ends. Loads nothing: a body without bfloat16 products never touches PyTorch."""
+    depth = getattr(_pins, "depth", 0)
+    _pins.depth = depth + 1
+    try:
+        yield
+    finally:
+        _pins.depth = depth
+        restore = getattr(_pins, "restore", None)
+        if depth == 0 and restore is not None:
+            _pins.restore = None
+            _torch.set_num_threads(restore)
+
+
 def _bf16_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """``a @ b`` with both operands rounded to bfloat16 and the product returned as float32
-    (shape (a.shape[0], b.shape[1]))."""
+    """``a @ b`` with both operands rounded to bfloat16, accumulated in float32 by PyTorch
+    and returned as float32 (shape (a.shape[0], b.shape[1]))."""
     torch = _torch
+    if getattr(_pins, "depth", 0) and getattr(_pins, "restore", None) is None:
+        n = torch.get_num_threads()
+        if n != 1:
+            _pins.restore = n
+            torch.set_num_threads(1)
     ta = torch.from_numpy(a).to(torch.bfloat16)
     tb = torch.from_numpy(b).to(torch.bfloat16)
     return (ta @ tb).to(torch.float32).numpy()

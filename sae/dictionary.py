@@ -347,7 +347,7 @@ def pass2(
     mm=np.matmul,
 ) -> Sums:
     """Error and gradient sums on one chunk, in row blocks of
-    :data:`sae.objective.BLOCK_ROWS` added in float64 in row order.
+    :data:`sae.blocks.BLOCK_ROWS` added in float64 in row order.
 
     Parameters
     ----------

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import os
 
+from pydantic import ValidationError
+
 from service import datasets
 from service.errors import clean_message
 from service.faults import redact_paths
@@ -106,7 +108,12 @@ def resume_problem(job, max_iter: int | None) -> tuple[str, int, str] | None:
     """
     if job.status in ACTIVE:
         return ("status", 409, f"job {job.id} is {job.status}: nothing to resume yet")
-    spec = TrainSpec(**job.spec)
+    try:
+        spec = TrainSpec(**job.spec)
+    except ValidationError as exc:  # e.g. a bfloat16 job where PyTorch is gone
+        err = exc.errors()[0]
+        field = ".".join(str(p) for p in err.get("loc", ())) or "spec"
+        return (field, 422, f"the job's spec no longer validates here: {err.get('msg')}")
     if max_iter is not None:
         if spec.is_stochastic:
             return ("max_iter", 422, "adam and sgd jobs run epochs, not iterations; resume as is")

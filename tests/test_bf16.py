@@ -146,3 +146,59 @@ def test_bf16_job_from_the_cli_trains_and_resumes_on_the_same_trajectory(tmp_pat
     ):
         for k in ("W1", "W2", "b1", "b2"):
             assert np.array_equal(a[k], b[k]), k
+
+
+def test_the_engine_pin_holds_pytorch_to_one_thread_per_thread_and_restores_it():
+    """Inside the engine's one-BLAS-thread pin, a bfloat16 product runs on one PyTorch thread
+    (torch's count belongs to the calling thread, so each thread is pinned on its own), and
+    the count before comes back when the pin ends, even where PyTorch was loaded inside it."""
+    import threading
+
+    torch = _torch()
+    from worker.threads import one_blas_thread
+
+    a = np.ones((64, 32), np.float32)
+    mm = sae.blocks.matmul("bfloat16")
+    seen: dict[str, tuple[int, int]] = {}
+
+    def work(name: str) -> None:
+        torch.set_num_threads(2)
+        with one_blas_thread():
+            with one_blas_thread():  # re-entrant
+                mm(a, a.T)
+                inner = torch.get_num_threads()
+        seen[name] = (inner, torch.get_num_threads())
+
+    for i in range(2):  # threads of their own, one after the other (as a worker's task threads)
+        t = threading.Thread(target=work, args=(f"t{i}",))
+        t.start()
+        t.join()
+    work("main")
+    assert seen == {"t0": (1, 2), "t1": (1, 2), "main": (1, 2)}, seen
+
+
+def test_resuming_a_bfloat16_job_where_pytorch_is_gone_is_a_422_naming_dtype(monkeypatch):
+    from types import SimpleNamespace
+
+    from service.validation import resume_problem
+
+    real = importlib.util.find_spec
+    monkeypatch.setattr(
+        importlib.util, "find_spec", lambda name, *a: None if name == "torch" else real(name, *a)
+    )
+    job = SimpleNamespace(
+        id="j1",
+        status="failed",
+        iteration=3,
+        spec={"dataset": "x", "hidden": 4, "dtype": "bfloat16"},
+    )
+    field, status, msg = resume_problem(job, None)
+    assert (field, status) == ("dtype", 422) and "PyTorch" in msg
+
+
+def test_gradcheck_refuses_bfloat16_and_says_why():
+    _torch()
+    from service.cli import main
+
+    r = CliRunner().invoke(main, ["gradcheck", "x.zarr", "--hidden", "4", "--compute", "bf16"])
+    assert r.exit_code == 1 and "dtype: gradcheck needs float64 or float32" in r.output, r.output

@@ -39,8 +39,11 @@ def srv(tmp_path_factory):
     base = tmp_path_factory.mktemp("doors")
     write_tiny(base / "data", "p")
     args = ["--plan", "local", "--log-level", "info"]
-    # one BLAS thread per call, as the compose workers: threads of encodes do not spin on cores
-    with Server(base / "data", base / "state", args=args, env={"OPENBLAS_NUM_THREADS": "1"}) as s:
+    # one BLAS thread per call, as the compose workers: threads of encodes do not spin on cores;
+    # one waiting encode (8 by default): a burst overflows it however fast the machine encodes
+    # (with 8, a burst of 32 all got in on faster runs)
+    env = {"OPENBLAS_NUM_THREADS": "1", "SAE_MAX_WAITING_ENCODES": "1"}
+    with Server(base / "data", base / "state", args=args, env=env) as s:
         yield s
 
 
@@ -137,7 +140,7 @@ def test_the_python_client_waits_out_a_busy_encode(srv, heavy):
     from service.client import Client
 
     X = tiny_data(m=1000).round(2)
-    n = 32  # more than the 2 computing and 8 waiting encodes the service takes on
+    n = 32  # far more than the 2 computing and 1 waiting encodes this service takes on
 
     def burst(call) -> list[object]:
         results: list[object] = []

@@ -106,9 +106,15 @@ def get_client(
         import logging
 
         kwargs["silence_logs"] = logging.WARNING
+    import os
+
     import dask
 
     spawn = {f"distributed.nanny.pre-spawn-environ.{k}": v for k, v in MALLOC_ENV.items()}
+    # Dask lets this process's environment override the config (a notebook that started a
+    # plain LocalCluster before holds Dask's MALLOC_TRIM_THRESHOLD_ there), and its Nanny
+    # writes the values into this environment anyway when it spawns
+    os.environ.update(MALLOC_ENV)
     with dask.config.set(spawn):  # read by each Nanny when it is made, used at every restart
         cluster = LocalCluster(
             n_workers=workers,

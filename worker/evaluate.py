@@ -314,7 +314,10 @@ def evaluate_job(
         return None
     net, theta, _ = layout.load_model(model)
     path = str(job["dataset"]["path"])
-    spec = TrainSpec.model_validate(job["spec"])
+    saved = dict(job["spec"])
+    if saved.get("dtype") == "bfloat16":  # metrics are float32 forward passes: no PyTorch
+        saved["dtype"] = "float32"
+    spec = TrainSpec.model_validate(saved)
     separate = job.get("validation_dataset")
     if separate is not None:  # a validation dataset of its own: all of it
         path, held, split, name = str(separate["path"]), (), "validation dataset", None

@@ -10,6 +10,9 @@ therefore sets the thread count itself, at run time, with threadpoolctl: chunk t
 finalize step, :class:`worker.engine.LocalObjective` and the optimizer loop of a stage run
 inside :func:`one_blas_thread` (the tree's additions are elementwise and need no pin).
 
+The pin also holds PyTorch, whose threads run the bfloat16 products, to one thread
+(:func:`sae.blocks.one_torch_thread`, per calling thread, as PyTorch's count is).
+
 OpenBLAS built with pthreads (NumPy's and SciPy's wheels) has one process-wide limit, so
 concurrent users share it: the first to enter sets one thread, the last to leave restores the
 previous counts. Built with OpenMP the limit is per thread, and so is the pin.
@@ -24,6 +27,8 @@ import threading
 from collections.abc import Callable, Iterator
 from typing import Any, TypeVar
 
+from sae.blocks import one_torch_thread
+
 F = TypeVar("F", bound=Callable[..., Any])
 
 
@@ -34,7 +39,6 @@ class _Pin:
         self.depth = 0
         self.restore: list[int] | None = None
         self.libs: list = []
-        self.torch_restore: int | None = None
 
 
 _lock = threading.Lock()
@@ -104,19 +108,6 @@ def _release_control() -> None:
         clear()
 
 
-def _pin_torch() -> int | None:
-    """One intra-op thread for PyTorch too, when it is loaded (the bfloat16 products of
-    :func:`sae.blocks.matmul` run on its thread pool, not BLAS's); the count to restore."""
-    torch = sys.modules.get("torch")
-    if torch is None or not hasattr(torch, "get_num_threads"):
-        return None
-    before = torch.get_num_threads()
-    if before == 1:
-        return None
-    torch.set_num_threads(1)
-    return before
-
-
 def _pin_for(libs: list) -> _Pin:
     if any(getattr(lib, "threading_layer", "") == "openmp" for lib in libs):
         pin = getattr(_thread_pins, "pin", None)
@@ -139,16 +130,13 @@ def one_blas_thread() -> Iterator[None]:
             pin.restore = before if any(n != 1 for n in before) else None
             if pin.restore is not None:
                 _set_blas_threads(libs, [1] * len(libs))
-            pin.torch_restore = _pin_torch()
         pin.depth += 1
     try:
-        yield
+        with one_torch_thread():  # bfloat16 products run on PyTorch's threads, not BLAS's
+            yield
     finally:
         with _lock:
             pin.depth -= 1
-            if pin.depth == 0 and pin.torch_restore is not None:
-                sys.modules["torch"].set_num_threads(pin.torch_restore)
-                pin.torch_restore = None
             if pin.depth == 0 and pin.restore is not None:
                 try:
                     _set_blas_threads(pin.libs, pin.restore)
