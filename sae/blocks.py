@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import numpy as np
 
@@ -47,11 +47,6 @@ def accumulate(total: Sums | None, part: Sums) -> Sums:
         total[k] += v
     return total
 
-
-#: Compute modes of the chunk kernels: the dtype of the elementwise work and of the matrix
-#: products. ``"bfloat16"``: products in bfloat16 with float32 accumulation (PyTorch's CPU
-#: build, which reaches the AVX-512-BF16 / AMX units), everything else in float32.
-COMPUTE = ("float64", "float32", "bfloat16")
 
 _torch = None
 _pins = threading.local()
@@ -109,8 +104,10 @@ def _bf16_matmul(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (ta @ tb).to(torch.float32).numpy()
 
 
-def matmul(compute) -> object:
-    """The matrix product of a compute mode: numpy's, or bfloat16 through PyTorch.
+def matmul(compute) -> Callable[[np.ndarray, np.ndarray], np.ndarray]:
+    """The matrix product of a compute mode: numpy's, or bfloat16 through PyTorch (products in
+    bfloat16 with float32 accumulation on the AVX-512-BF16 / AMX units, everything else in
+    float32).
 
     Parameters
     ----------

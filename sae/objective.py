@@ -35,7 +35,7 @@ from sae.network import Network
 Sums = dict[str, np.ndarray]
 Passes = Literal["two", "fused"]
 #: Compute dtypes -> the dtype of the elementwise work ("bfloat16": matrix products in bfloat16
-#: through PyTorch, the rest in float32; :data:`sae.blocks.COMPUTE`).
+#: through PyTorch, the rest in float32; :func:`sae.blocks.matmul`).
 DTYPES = {"float64": np.float64, "float32": np.float32, "bfloat16": np.float32}
 
 
@@ -221,14 +221,15 @@ def _backprop(
         delta = acts[L - 1].fprime(A[L])  # a new array: scale in place
         delta *= diff
         del diff
+        if fused_layer1:  # [delta_1 | f'(z_1)] side by side: W1 and fpx1 in one product (a
+            # sparse layer 1 is never the output, so layer 2 writes delta_1 into it)
+            h = net.sizes[1]
+            both = np.empty((A[0].shape[0], 2 * h), dt)
+            fp = both[:, h:]
+            fp[...] = acts[0].fprime(A[1])
         for l in range(L, 0, -1):
             part[f"b{l}"] = colsum(delta)
             if l == 1 and fused_layer1:
-                h = net.sizes[1]
-                both = np.empty((delta.shape[0], 2 * h), dt)
-                both[:, :h] = delta
-                fp = both[:, h:]
-                fp[...] = acts[0].fprime(A[1])
                 prod = mm(both.T, A[0])
                 part["W1"] = prod[:h]
                 part["fpx1"] = prod[h:]
@@ -240,8 +241,11 @@ def _backprop(
                 back = mm(delta, Wd[l - 1])
                 if (l - 1) in sd:
                     back += sd[l - 1]
-                back *= acts[l - 2].fprime(A[l - 1])
-                delta = back
+                if l == 2 and fused_layer1:  # delta_1 straight into its half of the buffer
+                    delta = np.multiply(back, fp, out=both[:, :h])
+                else:
+                    back *= acts[l - 2].fprime(A[l - 1])
+                    delta = back
         total = accumulate(total, part)
     total["count"] = _f64(X.shape[0])
     return total
