@@ -160,6 +160,10 @@ def worker_scenarios(root: Path, client) -> dict[str, Any]:
     data = _datasets(root / "data")
     one = dict(dataset=data["unit"], hidden=20, max_iter=25, seed=3)
     deep = dict(dataset=data["unit"], hidden=[20, 8], max_iter=8, finetune_iter=10, seed=5)
+    adam = dict(
+        dataset=data["unit"], hidden=20, optimizer="adam", batch_size=64, max_steps=25,
+        learning_rate=1e-2, log_every=2, seed=3,
+    )
     runs: dict[str, tuple[dict, dict]] = {
         "one-distributed": (one, {"plan": "distributed"}),
         "one-local": (one, {"plan": "local"}),
@@ -206,6 +210,27 @@ def worker_scenarios(root: Path, client) -> dict[str, Any]:
             {**deep, "hidden": [20, 12, 6], "stages": 1, "finetune_sparse": True},
             {},
         ),
+        "adam-fused-f32-val": (
+            {**adam, "passes": "fused", "dtype": "float32", "validation_fraction": 0.2,
+             "validate_every": 4, "lr_schedule": "cosine", "warmup_steps": 3},
+            {},
+        ),
+        "sgd-nesterov-ema": (
+            {**adam, "optimizer": "sgd", "nesterov": True, "momentum": 0.9,
+             "learning_rate": 0.05, "sparsity_estimate": "ema", "clip_grad_norm": 0.5},
+            {},
+        ),
+        "adam-topk-auxk-early": (
+            {**adam, "kind": "topk", "k": 4, "k_aux": 6, "activation": "relu", "rho": None,
+             "beta": 0.0, "validation_fraction": 0.2, "validate_every": 2,
+             "early_stopping": 3, "max_steps": 60},
+            {},
+        ),
+        "adam-deep-finetune": (
+            {**deep, "optimizer": "adam", "batch_size": 64, "learning_rate": 1e-2,
+             "epochs": 2, "finetune_epochs": 2},
+            {},
+        ),
     }
     out: dict[str, Any] = {}
     for name, (spec, kwargs) in runs.items():
@@ -220,6 +245,7 @@ def worker_scenarios(root: Path, client) -> dict[str, Any]:
         "cancel-resume-local": (one, {"plan": "local"}, 7, None),
         "cancel-resume-deep": (deep, {"plan": "distributed"}, 4, "pretrain 2/2"),
         "cancel-resume-deep-finetune": (deep, {"plan": "distributed"}, 3, "finetune"),
+        "cancel-resume-adam": (adam, {}, 9, None),
     }
     for name, (spec, kwargs, at, stage) in cancels.items():
         folder = root / name
