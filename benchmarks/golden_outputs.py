@@ -161,8 +161,14 @@ def worker_scenarios(root: Path, client) -> dict[str, Any]:
     one = dict(dataset=data["unit"], hidden=20, max_iter=25, seed=3)
     deep = dict(dataset=data["unit"], hidden=[20, 8], max_iter=8, finetune_iter=10, seed=5)
     adam = dict(
-        dataset=data["unit"], hidden=20, optimizer="adam", batch_size=64, max_steps=25,
-        learning_rate=1e-2, log_every=2, seed=3,
+        dataset=data["unit"],
+        hidden=20,
+        optimizer="adam",
+        batch_size=64,
+        max_steps=25,
+        learning_rate=1e-2,
+        log_every=2,
+        seed=3,
     )
     runs: dict[str, tuple[dict, dict]] = {
         "one-distributed": (one, {"plan": "distributed"}),
@@ -211,24 +217,54 @@ def worker_scenarios(root: Path, client) -> dict[str, Any]:
             {},
         ),
         "adam-fused-f32-val": (
-            {**adam, "passes": "fused", "dtype": "float32", "validation_fraction": 0.2,
-             "validate_every": 4, "lr_schedule": "cosine", "warmup_steps": 3},
+            {
+                **adam,
+                "passes": "fused",
+                "dtype": "float32",
+                "validation_fraction": 0.2,
+                "validate_every": 4,
+                "lr_schedule": "cosine",
+                "warmup_steps": 3,
+            },
             {},
         ),
         "sgd-nesterov-ema": (
-            {**adam, "optimizer": "sgd", "nesterov": True, "momentum": 0.9,
-             "learning_rate": 0.05, "sparsity_estimate": "ema", "clip_grad_norm": 0.5},
+            {
+                **adam,
+                "optimizer": "sgd",
+                "nesterov": True,
+                "momentum": 0.9,
+                "learning_rate": 0.05,
+                "sparsity_estimate": "ema",
+                "clip_grad_norm": 0.5,
+            },
             {},
         ),
         "adam-topk-auxk-early": (
-            {**adam, "kind": "topk", "k": 4, "k_aux": 6, "activation": "relu", "rho": None,
-             "beta": 0.0, "validation_fraction": 0.2, "validate_every": 2,
-             "early_stopping": 3, "max_steps": 60},
+            {
+                **adam,
+                "kind": "topk",
+                "k": 4,
+                "k_aux": 6,
+                "activation": "relu",
+                "rho": None,
+                "beta": 0.0,
+                "validation_fraction": 0.2,
+                "validate_every": 2,
+                "early_stopping": 3,
+                "max_steps": 60,
+            },
             {},
         ),
         "adam-deep-finetune": (
-            {**deep, "optimizer": "adam", "batch_size": 64, "learning_rate": 1e-2,
-             "epochs": 2, "finetune_epochs": 2},
+            {
+                **deep,
+                "optimizer": "adam",
+                "batch_size": 64,
+                "learning_rate": 1e-2,
+                "epochs": 2,
+                "finetune_epochs": 2,
+            },
             {},
         ),
     }

@@ -504,16 +504,26 @@ class _Dask:
         self._end(self.scheduler)
 
 
+ADAM_STEPS = {"optimizer": "adam", "batch_size": 32, "max_steps": 400, "learning_rate": 0.01}
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("plan", ["distributed", "local"])
-def test_scheduler_restart_under_serve_same_model(tmp_path, plan):
+@pytest.mark.parametrize(
+    ("plan", "extra"),
+    [("distributed", {}), ("local", {}), ("distributed", ADAM_STEPS)],
+    ids=["distributed", "local", "adam-chained"],
+)
+def test_scheduler_restart_under_serve_same_model(tmp_path, plan, extra):
     """``sae serve --scheduler ADDR``: the scheduler is SIGKILLed and started again on the
     same port while a job runs (and a worker started against it); the job carries on in the
-    same attempt (evaluations and the local stage's task are sent again once the client has
-    reconnected) and ends with bitwise the model of an uninterrupted job."""
+    same attempt (evaluations, the local stage's task and Adam's chain of steps since the
+    last state the loop holds are sent again once the client has reconnected) and ends with
+    bitwise the model of an uninterrupted job."""
     data, state = tmp_path / "data", tmp_path / "state"
     write_tiny(data, "tiny")
-    spec = {"dataset": "tiny", "hidden": 5, "max_iter": 80, "seed": 3}
+    spec = {"dataset": "tiny", "hidden": 5, "max_iter": 80, "seed": 3, **extra}
+    if extra:
+        del spec["max_iter"]
     dask_ = _Dask(tmp_path)
     try:
         dask_.start_scheduler()

@@ -319,6 +319,50 @@ def test_same_bits_on_one_or_two_workers_and_after_a_worker_dies(two_workers, da
     two_workers.wait_for_workers(2, timeout=60)
 
 
+@pytest.mark.bitwise
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(passes="fused", dtype="float32", validation_fraction=0.2, early_stopping=50),
+        dict(sparsity_estimate="ema", lr_schedule="cosine", warmup_steps=4),
+        dict(kind="topk", k=2, k_aux=3, activation="relu", rho=None, beta=0.0),
+    ],
+    ids=["fused-validation", "ema-cosine", "topk-auxk"],
+)
+def test_steps_chained_on_the_workers_equal_steps_taken_one_at_a_time(
+    two_workers, data, tmp_path, monkeypatch, kw
+):
+    """The workers chain each step on the last one's state (the loop takes records, and the
+    state only at checkpoints and held-out costs); a chain of 3 steps here, so chains start
+    anew from a state taken back many times: every file the job writes has the bits of the
+    job whose loop takes each step itself."""
+    import worker.stochastic as stochastic
+
+    path, _ = data
+    spec = _spec(path, checkpoint_every=4, **kw)
+    monkeypatch.setattr(stochastic, "CHAIN", 3)
+    used = []
+    real = stochastic._stepper
+    monkeypatch.setattr(
+        stochastic, "_stepper", lambda *a: used.append(type(s := real(*a)).__name__) or s
+    )
+    train(spec, tmp_path / "chained", client=two_workers)
+    monkeypatch.setattr(stochastic, "CHAIN_STATE_BYTES", 0)  # every step taken here
+    train(spec, tmp_path / "here", client=two_workers)
+    assert used == ["_Chained", "_Here"]
+    for name in ("model.npz", "state.npz", "best.npz"):
+        a, b = tmp_path / "chained" / name, tmp_path / "here" / name
+        assert a.exists() == b.exists()
+        if a.exists():
+            za, zb = np.load(a), np.load(b)
+            assert sorted(za.files) == sorted(zb.files)
+            for f in za.files:
+                assert np.array_equal(za[f], zb[f]), (name, f)
+    ha, hb = (json.loads((tmp_path / d / "history.json").read_text()) for d in ("chained", "here"))
+    strip = [{k: v for k, v in e.items() if k != "seconds"} for e in ha]
+    assert strip == [{k: v for k, v in e.items() if k != "seconds"} for e in hb]
+
+
 def test_deep_job_with_sgd_stages(two_workers, data, tmp_path):
     path, _ = data
     spec = _spec(

@@ -250,8 +250,15 @@ def _part_data(src: ChunkSource, i: int, rows: np.ndarray, encoder=None):
     return X[rows], (None if Y is None else Y[rows])
 
 
+def theta_of(theta):
+    """``theta``, or the theta of an optimiser's state (the tasks of a chained step,
+    :meth:`worker.engine.BatchObjective.step_graph`, take the state)."""
+    return getattr(theta, "theta", theta)
+
+
 @single_threaded
 def _part_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None):
+    theta = theta_of(theta)
     X, _ = _part_data(src, i, rows, encoder)
     return obj.pass1(net, theta, X, dtype=src.dtype)
 
@@ -262,12 +269,14 @@ def _part_pass2(
 ):
     """Pass 2 on a batch's rows of chunk ``i`` given the sparse layers' ``rho_hat`` (that of
     the batch, or a running average)."""
+    theta = theta_of(theta)
     X, Y = _part_data(src, i, rows, encoder)
     return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype)
 
 
 @single_threaded
 def _part_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None):
+    theta = theta_of(theta)
     X, Y = _part_data(src, i, rows, encoder)
     return obj.fused(net, theta, X, Y=Y, dtype=src.dtype)
 
@@ -275,6 +284,7 @@ def _part_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows,
 @single_threaded
 def _finalize_batch(net: Network, theta: np.ndarray, s1: obj.Sums, rho: dict, *parts: obj.Sums):
     """``(J, grad, rho)`` of a batch: the two-pass finalize, and the rho_hat its pass 2 used."""
+    theta = theta_of(theta)
     J, grad = obj.finalize(net, theta, obj.merge_sums(s1, _sum(*parts)))
     return J, grad, rho
 
@@ -282,5 +292,6 @@ def _finalize_batch(net: Network, theta: np.ndarray, s1: obj.Sums, rho: dict, *p
 @single_threaded
 def _finalize_batch_fused(net: Network, theta: np.ndarray, *parts: obj.Sums):
     """``(J, grad, None)`` of a batch from its fused sums."""
+    theta = theta_of(theta)
     J, grad = obj.finalize(net, theta, _sum(*parts))
     return J, grad, None

@@ -320,7 +320,7 @@ class _Graph:
     rest (theta, the encoder, the tree, finalize) are in one common layer.
     """
 
-    def __init__(self, f: DistributedObjective, theta: np.ndarray) -> None:
+    def __init__(self, f: DistributedObjective, theta: np.ndarray | None, state=None) -> None:
         self.f, self.net, self.job = f, f.net, f.job
         self.tok = uuid.uuid4().hex[:8]
         self.n = f.info.n_chunks
@@ -335,7 +335,14 @@ class _Graph:
         )
         self.common: dict = {}
         self.pinned: dict[int, dict] = {}  # worker index -> tasks pinned to it
-        if theta.nbytes * self.n <= INLINE_THETA_BYTES:
+        self.state = None
+        if state is not None:  # an optimiser's state (or the future of one): the tasks
+            # take its theta themselves (a task less to wait for on the step's path)
+            self.state = self.th = state
+            if not hasattr(state, "key"):  # held here: one copy in the graph
+                self.state = self.th = self.key("state-in")
+                self.common[self.state] = (_same, state)
+        elif theta.nbytes * self.n <= INLINE_THETA_BYTES:
             self.th: Any = theta  # small: inline in each task
         else:  # one copy in the graph, fetched by the tasks that need it
             self.th = self.key("theta")
@@ -676,7 +683,7 @@ class DistributedObjective:
                 wait_reconnected(self.client, self.should_stop)
         raise AssertionError("unreachable")
 
-    def _wait(self, future):
+    def _wait(self, future, release: bool = True):
         """The result of an evaluation's future, checking ``should_stop`` every
         :data:`POLL_SECONDS` (an evaluation may wait long for busy or absent workers).
 
@@ -703,10 +710,11 @@ class DistributedObjective:
                 chunk = self.info.chunk_rows * self._stage_nbytes() // max(1, self.info.shape[0])
                 raise workers_died(exc, self.client, chunk_bytes=chunk) from exc
         finally:
-            if not future.done():
-                with contextlib.suppress(Exception):
-                    self.client.cancel(future)
-            future.release()
+            if release:
+                if not future.done():
+                    with contextlib.suppress(Exception):
+                        self.client.cancel(future)
+                future.release()
 
     @property
     def n_evals(self) -> int:
@@ -715,6 +723,27 @@ class DistributedObjective:
 
 
 # --------------------------------------------------------------------------- minibatches
+
+
+def _same(x):
+    return x
+
+
+def _ema_of(state) -> dict | None:
+    return {int(k): v for k, v in state.rho_ema.items()} if state.rho_ema else None
+
+
+def _advance_on_worker(advance, state, out, lr: float, rows: int):
+    """``advance(state, J, grad, rho_hat, lr, rows)`` from a batch's ``(J, grad, rho_hat)``,
+    under one BLAS thread (the stage's loop steps under one too: the same bits)."""
+    J, grad, rho_hat = out
+    with one_blas_thread():
+        return advance(state, float(J), blas_ready(grad, np.float64), rho_hat, lr, rows)
+
+
+def _record_of(state):
+    """``state`` without its arrays (a few scalars: what a history entry needs)."""
+    return state.replace(theta=None, m=None, v=None)
 
 
 def _ema(net: Network, sums1: dict, previous: dict | None, decay: float) -> dict:
@@ -746,10 +775,14 @@ class BatchObjective(DistributedObjective):
     def _cache_budget(self) -> int:
         return 0 if self._cache_request is False else self._memory_budget()
 
-    def batch_graph(self, theta: np.ndarray, parts, rho_ema: dict | None, decay: float, slots):
+    def batch_graph(
+        self, theta: np.ndarray | None, parts, rho_ema: dict | None, decay: float, slots, g=None
+    ):
         """The graph of one batch and the key of its ``(J, grad, rho_hat)`` (rho_hat None for
-        fused passes)."""
-        g = _Graph(self, np.asarray(theta, dtype=np.float64))
+        fused passes); ``g``: a graph being built, whose theta is that of a state."""
+        g = _Graph(self, np.asarray(theta, dtype=np.float64)) if g is None else g
+        if g.state is not None:  # the running averages come with the state too
+            rho_ema = (_ema_of, g.state)
         if self.passes == "fused":  # the batch's own rho_hat, inside its finalize
             roots = g.tree("sum", g.part_leaves("fused", chunks._part_fused, parts, slots))
             final = g.final("final", chunks._finalize_batch_fused, *roots)
@@ -767,6 +800,41 @@ class BatchObjective(DistributedObjective):
         roots2 = g.tree("sum2", leaves2)
         final = g.final("final", chunks._finalize_batch, total1, rho, *roots2)
         return g.high_level_graph(), final
+
+    def step_graph(self, state, parts, slots, decay: float, advance, lr: float):
+        """The graph of one optimiser step: the batch of ``parts`` evaluated at the theta of
+        ``state`` (a :class:`~sae.optimize.stochastic.StochasticState`, or the future of one
+        that an earlier step's graph gives) as :meth:`batch_graph`, then ``advance(state, J,
+        grad, rho_hat, lr, rows)`` on a worker: the state after the step.
+
+        Returns
+        -------
+        hlg : dask HighLevelGraph
+        keys : (str, str)
+            The key of the new state and that of its record (the state without its arrays:
+            what the stage's history needs from every step).
+        """
+        g = _Graph(self, None, state=state)
+        _, out = self.batch_graph(None, parts, None, decay, slots, g=g)
+        rows = sum(len(r) for _, r in parts)
+        new, record = g.key("state"), g.key("record")
+        # The batch's finalize inside the step's task: a task less on the step's path.
+        g.common[new] = (_advance_on_worker, advance, g.state, g.common.pop(out), lr, rows)
+        g.common[record] = (_record_of, new)
+        return g.high_level_graph(), (new, record)
+
+    def submit_step(self, state, parts, slots, decay: float, advance, lr: float):
+        """Send :meth:`step_graph`; the futures of the new state and of its record."""
+        self._refresh_workers()
+        hlg, keys = self.step_graph(state, parts, slots, decay, advance, lr)
+        new, record = self.client.get(hlg, list(keys), sync=False)
+        self.stats.n_evals += 1
+        return new, record
+
+    def result(self, future, release: bool = False):
+        """The value of a future of :meth:`submit_step`, waited for as an evaluation
+        (``should_stop`` checked every :data:`POLL_SECONDS`, stranded tasks placed)."""
+        return self._wait(future, release=release)
 
     def __call__(self, theta, parts, rho_ema: dict | None = None, decay: float = 0.99, slots=None):
         """``(J, grad, rho_hat)`` of the batch made of ``parts`` at ``theta``; ``slots`` place

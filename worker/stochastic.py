@@ -14,7 +14,9 @@ from __future__ import annotations
 import contextlib
 import math
 import time
+from collections import deque
 from collections.abc import Callable
+from functools import partial
 
 import numpy as np
 
@@ -26,6 +28,15 @@ from worker.threads import one_blas_thread
 
 #: ``objective(theta, parts, rho_ema, decay, slots) -> (J, grad, rho_hat)``.
 BatchFn = Callable[..., tuple[float, np.ndarray, dict | None]]
+#: Steps sent to the workers ahead of the one the loop handles (:class:`_Chained`).
+DEPTH = 2
+#: Steps chained on the workers before the loop takes the state back to start a new chain.
+CHAIN = 32
+#: States (theta and two moments) larger than this are stepped here, not chained: a step's
+#: compute then dwarfs its round trip, and the workers keep no extra states.
+CHAIN_STATE_BYTES = 256 * 2**20
+#: A lost scheduler: the chain is sent again this many times in a row at most.
+RESENDS = 20
 
 
 def _start(stage: Stage, resume: bool):
@@ -47,29 +58,223 @@ def _ema_in(state) -> dict | None:
     return {int(k): v for k, v in state.rho_ema.items()} if state.rho_ema else None
 
 
-def _advance(stage: Stage, state, new, J: float, rows: int, rho_hat: dict | None):
-    """``new`` (after the step) moved to the next batch, with the batch's figures."""
+def advance(
+    state,
+    J: float,
+    grad: np.ndarray,
+    rho_hat: dict | None,
+    lr: float,
+    rows: int,
+    *,
+    network,
+    per_epoch: int,
+    rho_decay: float | None,
+):
+    """The state after one step of ``state``'s optimizer along a batch's ``grad`` with
+    learning rate ``lr``: back on the unit-norm constraint of the decoder where the network
+    has one, moved to the next batch, with the batch's ``J``, ``rows`` and (where
+    ``rho_decay`` is set) ``rho_hat`` as the next running average. The same function runs
+    here (:class:`_Here`) and on a worker (:class:`_Chained`)."""
+    from sae.optimize.stochastic import step
+
+    new = step(state, grad, lr)
+    if network.unit_norm_decoder:
+        new = new.replace(theta=network.project(new.theta))
     batch, epoch = state.batch + 1, state.epoch
-    if batch == stage.batches.per_epoch:
+    if batch == per_epoch:
         batch, epoch = 0, epoch + 1
     ema = state.rho_ema
-    if stage.rho_decay is not None and rho_hat is not None:
+    if rho_decay is not None and rho_hat is not None:
         ema = {str(k): np.asarray(v, dtype=np.float64) for k, v in rho_hat.items()}
     return new.replace(epoch=epoch, batch=batch, samples=state.samples + rows, J=J, rho_ema=ema)
 
 
-def _judge(stage: Stage, state, val: float, writer: CheckpointWriter):
-    """The state after a held-out cost ``val``: a new best is kept (its model in best.npz,
-    written before the checkpoint that records it), else one more stale validation."""
-    if state.best_val is None or val < state.best_val:
-        theta = state.theta
+def _position(stage: Stage, epoch: int, batch: int) -> tuple[int, int]:
+    """The (epoch, batch) after the step on batch ``batch`` of ``epoch``."""
+    batch += 1
+    return (epoch + 1, 0) if batch == stage.batches.per_epoch else (epoch, batch)
+
+
+class _Here:
+    """Steps taken one at a time: the objective's ``(J, grad, rho_hat)`` of the batch, then
+    :func:`advance` in this process."""
+
+    def __init__(self, stage: Stage, objective: BatchFn, state, total: int) -> None:
+        self.stage, self.f, self.state, self.total = stage, objective, state, total
+
+    def next(self):
+        """The state after the next step, and the step's learning rate."""
+        from sae.optimize.stochastic import learning_rate
+
+        st, stage, b = self.state, self.stage, self.stage.batches
+        parts = b.parts(st.epoch, st.batch)
+        slots = b.slots(st.epoch, parts)
+        J, grad, rho_hat = self.f(st.theta, parts, _ema_in(st), stage.rho_decay, slots)
+        lr = learning_rate(st.options, st.step, self.total)
+        self.state = advance(
+            st,
+            J,
+            grad,
+            rho_hat,
+            lr,
+            sum(len(r) for _, r in parts),
+            network=stage.network,
+            per_epoch=b.per_epoch,
+            rho_decay=stage.rho_decay,
+        )
+        return self.state, lr
+
+    def full(self):
+        """The whole state (theta, moments) after the last step :meth:`next` gave."""
+        return self.state
+
+    def close(self) -> None:
+        """Nothing runs ahead here."""
+
+
+class _Chained:
+    """Steps chained on the workers: each step's graph (:meth:`worker.engine.BatchObjective.
+    submit_step`) takes the previous step's state where it is and leaves the new one there,
+    so :data:`DEPTH` steps run ahead of the loop, which takes just each step's record (a few
+    scalars) in turn, and the whole state only where it needs it (a checkpoint, a held-out
+    cost, a refresh of the model, the end).
+
+    Every :data:`CHAIN` steps the loop takes the state back and the next chain starts from it:
+    a lost state is recomputed by Dask from the start of its chain, and the scheduler's record
+    of how stays bounded. Each step computes what :class:`_Here`'s does, from the same state:
+    the same bits. If the scheduler is lost, the steps are sent again from the start of the
+    chain once the client has reconnected.
+    """
+
+    def __init__(self, stage: Stage, objective, state, total: int) -> None:
+        self.stage, self.f, self.total = stage, objective, total
+        self.advance = partial(
+            advance,
+            network=stage.network,
+            per_epoch=stage.batches.per_epoch,
+            rho_decay=stage.rho_decay,
+        )
+        self._start_chain(state)
+        self.done = state.step  # the last step handed to the loop
+        self.lost = 0  # the scheduler lost in a row
+
+    def _start_chain(self, state) -> None:
+        self.root = state  # held here: the start of the chain
+        self.queue: deque = deque()  # (step, future of the state, future of its record)
+        self.last, self.last_step = None, state.step  # the future of the latest state taken
+        self.last_full = None
+        self.sub = (state.step, state.epoch, state.batch)  # after the last step sent
+
+    def _fill(self) -> None:
+        from sae.optimize.stochastic import learning_rate
+
+        b = self.stage.batches
+        while len(self.queue) < DEPTH:
+            k, epoch, batch = self.sub
+            if k >= self.total or k - self.root.step >= CHAIN:
+                return
+            src = self.queue[-1][1] if self.queue else (self.last or self.root)
+            parts = b.parts(epoch, batch)
+            slots = b.slots(epoch, parts)
+            lr = learning_rate(self.root.options, k, self.total)
+            new, record = self.f.submit_step(
+                src, parts, slots, self.stage.rho_decay, self.advance, lr
+            )
+            self.queue.append((k + 1, new, record))
+            self.sub = (k + 1, *_position(self.stage, epoch, batch))
+
+    def _wait(self, future, release: bool):
+        """The future's value; None if the scheduler was lost (the chain is then sent again
+        from its start once the client has reconnected)."""
+        from worker.engine import lost_with_scheduler, wait_reconnected
+
+        try:
+            return self.f.result(future, release=release)
+        except Exception as exc:
+            if not lost_with_scheduler(exc, future):
+                raise
+            self.lost += 1
+            if self.lost > RESENDS:
+                raise
+            time.sleep(0.2)  # the client may not have noticed the loss yet
+            wait_reconnected(self.f.client, self.f.should_stop)
+            self._start_chain(self.root)
+            return None
+
+    def _take(self):
+        """The record of the oldest step sent (None: sent again, see :meth:`_wait`)."""
+        self._fill()
+        if not self.queue:  # the end of a chain: the next starts from the last state
+            self._start_chain(self.full())
+            self._fill()
+        k, new, record = self.queue.popleft()
+        rec = self._wait(record, release=True)
+        if rec is None:
+            return None, k
+        if self.last is not None:
+            self.last.release()
+        self.last, self.last_step, self.last_full = new, k, None
+        self.lost = 0
+        return rec, k
+
+    def next(self):
+        """The record of the next step (its state without the arrays), and its learning
+        rate."""
+        from sae.optimize.stochastic import learning_rate
+
+        while True:
+            rec, k = self._take()
+            if rec is None or k <= self.done:  # a step sent again: handed out already
+                continue
+            self.done = k
+            self._fill()  # keep the workers busy while the loop handles this step
+            return rec, learning_rate(self.root.options, k - 1, self.total)
+
+    def full(self):
+        """The whole state after the last step :meth:`next` gave (fetched once)."""
+        while self.last_full is None:
+            if self.done == self.root.step:
+                return self.root
+            if self.last_step != self.done:  # sent again: compute the chain up to ``done``
+                self._take()
+                continue
+            state = self._wait(self.last, release=False)
+            if state is not None:
+                self.last_full = state
+        return self.last_full
+
+    def close(self) -> None:
+        """Cancel the steps sent ahead, release the rest."""
+        futures = [f for _, a, b in self.queue for f in (a, b)]
+        if self.last is not None:
+            futures.append(self.last)
+        with contextlib.suppress(Exception):
+            self.f.client.cancel(futures)
+        self.queue.clear()
+        self.last, self.last_full = None, None
+
+
+def _stepper(stage: Stage, objective, state, total: int):
+    """:class:`_Chained` for an objective on the workers that can chain steps (and states
+    up to :data:`CHAIN_STATE_BYTES`), else :class:`_Here`."""
+    chains = hasattr(objective, "submit_step") and getattr(objective, "client", None) is not None
+    if chains and 3 * state.theta.nbytes <= CHAIN_STATE_BYTES:
+        return _Chained(stage, objective, state, total)
+    return _Here(stage, objective, state, total)
+
+
+def _judge(stage: Stage, best: dict, step: int, theta, val: float, writer: CheckpointWriter):
+    """The validation bookkeeping after a held-out cost ``val`` at ``step``: a new best is
+    kept (its model ``theta`` in best.npz, written before the checkpoint that records it),
+    else one more stale validation."""
+    if best["best_val"] is None or val < best["best_val"]:
         writer.call(
             lambda: layout.save_model(
                 stage.folder / layout.BEST, stage.network, theta, stage.metadata
             )
         )
-        return state.replace(best_val=val, best_step=state.step, stale=0)
-    return state.replace(stale=state.stale + 1)
+        return {"best_val": val, "best_step": step, "stale": 0}
+    return {**best, "stale": best["stale"] + 1}
 
 
 def run_stochastic_stage(
@@ -105,10 +310,11 @@ def run_stochastic_stage(
     StageResult
         ``iterations`` and ``evaluations`` are steps; ``cost`` the last batch's.
     """
-    from sae.optimize.stochastic import learning_rate, step
+    from sae.optimize.stochastic import learning_rate
 
     stage.folder.mkdir(parents=True, exist_ok=True)
     state, history, offset = _start(stage, resume)
+    best = {"best_val": state.best_val, "best_step": state.best_step, "stale": state.stale}
     writer = CheckpointWriter(stage.folder / layout.HISTORY, stage.folder / layout.STATE, history)
     total, b = stage.max_iter, stage.batches
     t_start, last_refresh = time.perf_counter(), -math.inf
@@ -129,6 +335,11 @@ def run_stochastic_stage(
             **extra,
         }
 
+    steps = _stepper(stage, objective, state, total)
+
+    def full():  # the whole state after the last step, with the loop's validation record
+        return steps.full().replace(**best)
+
     try:
         with one_blas_thread():
             stopped = stage.early_stopping is not None and state.stale >= stage.early_stopping
@@ -138,24 +349,17 @@ def run_stochastic_stage(
                 if hooks.stop():
                     status, message = "cancelled", f"cancelled at step {state.step}"
                     break
-                parts = b.parts(state.epoch, state.batch)
-                slots = b.slots(state.epoch, parts)
-                J, grad, rho_hat = objective(
-                    state.theta, parts, _ema_in(state), stage.rho_decay, slots
-                )
-                lr = learning_rate(state.options, state.step, total)
-                rows = sum(len(r) for _, r in parts)
-                new = step(state, grad, lr)
-                if stage.network.unit_norm_decoder:  # back on the constraint (unit columns)
-                    new = new.replace(theta=stage.network.project(new.theta))
-                state = _advance(stage, state, new, J, rows, rho_hat)
+                record, lr = steps.next()
+                state = record.replace(**best)
                 end_of_epoch, last = state.batch == 0, state.step == total
                 val = None
                 if validate is not None and (
                     state.step % stage.validate_every == 0 or end_of_epoch or last
                 ):
-                    val = validate(state.theta)
-                    state = _judge(stage, state, val, writer)
+                    theta = steps.full().theta
+                    val = validate(theta)
+                    best = _judge(stage, best, state.step, theta, val, writer)
+                    state = state.replace(**best)
                 stop_early = (
                     stage.early_stopping is not None and state.stale >= stage.early_stopping
                 )
@@ -169,11 +373,12 @@ def run_stochastic_stage(
                 if entry is not None:
                     history.append(entry)
                 if entry is not None or checkpoint:
-                    writer.put(entry, state if checkpoint else None)
+                    writer.put(entry, full() if checkpoint else None)
                 now = time.perf_counter()
                 if now - last_refresh >= refresh_seconds:
                     last_refresh = now
-                    writer.call(lambda th=state.theta: write_model(stage, th))
+                    theta = steps.full().theta
+                    writer.call(lambda th=theta: write_model(stage, th))
                 if entry is not None and hooks.on_iteration is not None:
                     hooks.on_iteration(dict(entry))
                 if stop_early:
@@ -185,22 +390,29 @@ def run_stochastic_stage(
                     break
     except Cancelled:
         status, message = "cancelled", f"cancelled during step {state.step + 1}"
-    finally:
+    except BaseException:
+        with contextlib.suppress(Exception):
+            writer.close()
+        steps.close()
+        raise
+    try:
         if status == "cancelled" and state.step > 0:  # exact resume from this very step
+            state = full()
             if not history or history[-1]["iteration"] < state.step:
                 history.append(entry_of(state, learning_rate(state.options, state.step - 1, total)))
                 writer.put(history[-1], state)
             else:
                 writer.put(None, state)
+        theta = steps.full().theta
+    finally:
         writer.close()
-    if status == "succeeded":
-        state = state.replace(status="max_iter", message=message)
-    write_model(stage, state.theta)
+        steps.close()
+    write_model(stage, theta)
     if write_cost:
         save_cost(history, stage.folder / layout.COST)
     return StageResult(
         status=status,
-        theta=np.asarray(state.theta, dtype=np.float64),
+        theta=np.asarray(theta, dtype=np.float64),
         cost=state.J,
         iterations=state.step,
         evaluations=state.step,
