@@ -24,7 +24,7 @@ thread); writes ``--plot`` (PNG).
     python benchmarks/bench_stochastic.py throughput [--steps 20]
     python benchmarks/bench_stochastic.py out-of-core [--rows 1000000]
     python benchmarks/bench_stochastic.py quality [--mnist DIR] [--plot docs/adam-vs-lbfgs.png]
-    python benchmarks/bench_stochastic.py deep [--hidden 256,128,30] [--lam 1e-5] [--epochs 200]
+    python benchmarks/bench_stochastic.py deep [--hidden 256,128,30] [--lam 1e-4] [--epochs 150]
 
 ``deep``: the deep autoencoder with a 30-unit linear code, sigmoid units elsewhere, trained with
 Adam on the first 8,000 test digits (1,000 of them, two chunks, held out for early stopping at
@@ -463,7 +463,7 @@ def main(argv: list[str] | None = None) -> int:
     d = sub.add_parser("deep")
     d.add_argument("--mnist", default=str(REPO / ".." / "shared" / "data" / "mnist"))
     d.add_argument("--hidden", default="256,128,30")
-    d.add_argument("--lam", type=float, default=1e-5)
+    d.add_argument("--lam", type=float, default=1e-4)
     d.add_argument("--lr", type=float, default=1e-2)
     d.add_argument("--batch", type=int, default=128)
     d.add_argument("--epochs", type=int, default=150, help="fine-tuning epochs")

@@ -236,9 +236,27 @@ def _stochastic_options(f):
             ),
             click.option("--ema-decay", type=float, default=None, help="[0.99]"),
             click.option(
+                "--validation-fraction",
+                type=float,
+                default=None,
+                help="Hold out this share of the chunks (never trained on) for held-out costs",
+            ),
+            click.option(
                 "--validation-dataset",
                 default=None,
                 help="Held-out costs on this dataset (same width) instead of held-out chunks",
+            ),
+            click.option(
+                "--validate-every",
+                type=int,
+                default=None,
+                help="Steps between held-out costs [100; and at each epoch's end]",
+            ),
+            click.option(
+                "--early-stopping",
+                type=int,
+                default=None,
+                help="End a stage after N held-out costs without a new best (best.npz kept)",
             ),
             click.option(
                 "--log-every", type=int, default=None, help="Steps per history entry [10]"

@@ -492,6 +492,33 @@ def test_early_stopping_keeps_the_best_model(two_workers, data, tmp_path):
     assert min(vals[-2:]) >= min(vals) and len(vals) >= 3
 
 
+def test_cli_holds_out_chunks_validates_and_stops_early(data, tmp_path):
+    """``sae train --validation-fraction F --validate-every N --early-stopping P``: the held-out
+    costs are in the history every N steps, best.npz is kept, and a stage with no new best in
+    P held-out costs ends early; a fraction outside (0, 1) is a message naming the field."""
+    from click.testing import CliRunner
+
+    from service.cli import main as sae
+
+    path, _ = data
+    args = ["train", path, "--hidden", "6", "--optimizer", "adam", "--learning-rate", "0.5"]
+    args += ["--batch-size", "64", "--epochs", "40", "--workers", "1"]
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(
+        sae,
+        [*args, "--validation-fraction", "0.25", "--validate-every", "3", "--early-stopping", "2"]
+        + ["--out", str(out)],
+    )
+    assert res.exit_code == 0, res.output
+    hist = json.loads((out / "history.json").read_text())
+    vals = [e["iteration"] for e in hist if "val_cost" in e]
+    assert vals[:2] == [3, 6] and (out / "best.npz").exists()
+    assert hist[-1]["iteration"] < 40 * 10  # ended early (epochs of 810 training rows)
+    for bad, field in [("1.5", "validation-fraction"), ("0", "validation-fraction")]:
+        res = CliRunner().invoke(sae, [*args, "--validation-fraction", bad, "--out", str(out)])
+        assert res.exit_code != 0 and f"invalid training spec: {field}" in res.output, res.output
+
+
 def test_validation_errors_name_their_field(data):
     path, _ = data
     info = open_dataset(path)

@@ -53,6 +53,7 @@ import hashlib
 import re
 import time
 import uuid
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -827,7 +828,10 @@ class BatchObjective(DistributedObjective):
         """Send :meth:`step_graph`; the futures of the new state and of its record."""
         self._refresh_workers()
         hlg, keys = self.step_graph(state, parts, slots, decay, advance, lr)
-        new, record = self.client.get(hlg, list(keys), sync=False)
+        with warnings.catch_warnings():  # a chain's first state is in its graph, by design:
+            # so Dask can recompute a lost state from there (a scattered one is just lost)
+            warnings.filterwarnings("ignore", message="Sending large graph")
+            new, record = self.client.get(hlg, list(keys), sync=False)
         self.stats.n_evals += 1
         return new, record
 

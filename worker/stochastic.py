@@ -244,12 +244,14 @@ class _Chained:
         return self.last_full
 
     def close(self) -> None:
-        """Cancel the steps sent ahead, release the rest."""
+        """Release the steps sent ahead (nobody wants them: the scheduler drops those not
+        run yet) and the last state."""
         futures = [f for _, a, b in self.queue for f in (a, b)]
         if self.last is not None:
             futures.append(self.last)
-        with contextlib.suppress(Exception):
-            self.f.client.cancel(futures)
+        for f in reversed(futures):  # the latest first: nothing then waits on a dropped state
+            with contextlib.suppress(Exception):
+                f.release()
         self.queue.clear()
         self.last, self.last_full = None, None
 
