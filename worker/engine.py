@@ -50,6 +50,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import operator
 import re
 import time
 import uuid
@@ -337,7 +338,12 @@ class _Graph:
         self.common: dict = {}
         self.pinned: dict[int, dict] = {}  # worker index -> tasks pinned to it
         self.state = None
-        if state is not None:  # an optimiser's state (or the future of one): the tasks
+        self.copies: dict[int, Any] = {}  # worker index -> the future of a state's copy there
+        self.groups: list[int] = []  # the workers of the batch's parts (part_leaves)
+        if isinstance(state, StateCopies):  # each worker's tasks take the copy it holds
+            self.copies = dict(state.futures)
+            self.state = self.th = STATE
+        elif state is not None:  # an optimiser's state (or the future of one): the tasks
             # take its theta themselves (a task less to wait for on the step's path)
             self.state = self.th = state
             if not hasattr(state, "key"):  # held here: one copy in the graph
@@ -360,10 +366,15 @@ class _Graph:
 
     def pin(self, i: int) -> dict:
         """The layer of the tasks on chunk ``i``."""
+        w = self._worker_of(i)
+        return self.common if w is None else self.pinned.setdefault(w, {})
+
+    def _worker_of(self, i: int) -> int | None:
+        """The index of the worker caching chunk ``i`` (None: tasks are not pinned)."""
         workers = self.f._workers
         if not workers or self.f.cache_bytes == 0:
-            return self.common
-        return self.pinned.setdefault((i + self.f._offset) % len(workers), {})
+            return None
+        return (i + self.f._offset) % len(workers)
 
     def leaves(self, name: str, fn, *extra) -> list[tuple[str, int]]:
         """One task ``fn(net, theta, src, i, *extra, *encoder)`` per chunk."""
@@ -374,15 +385,36 @@ class _Graph:
             keys.append(k)
         return keys
 
-    def part_leaves(self, name: str, fn, parts, slots, *extra) -> list[tuple[str, int]]:
-        """One task ``fn(net, theta, src, i, rows, *extra, *encoder)`` per part of a batch,
-        pinned by the part's slot (:meth:`worker.batches.Batches.slots`)."""
-        keys = []
-        for j, ((i, rows), slot) in enumerate(zip(parts, slots, strict=True)):
-            k = (self.key(name), j)
-            self.pin(slot)[k] = (fn, self.net, self.th, self.src, i, rows, *extra, *self.enc_args)
-            keys.append(k)
-        return keys
+    def part_leaves(self, name: str, fn, parts, slots, *extra) -> list:
+        """``fn(net, theta, src, i, rows, *extra, *encoder)`` of each part of a batch, one
+        task per worker (placed by the parts' slots, :meth:`worker.batches.Batches.slots`)
+        computing its parts in turn: a batch's few parts cost a task and a hop each
+        otherwise. The leaves, in part order, are the items of those tasks' tuples (nested
+        tasks, evaluated inside the tasks that add them up): the same sums in the same tree.
+        """
+        n_workers = max(1, len(self.f._workers))
+        groups: dict[int, list[int]] = {}
+        for j, slot in enumerate(slots):
+            groups.setdefault((slot + self.f._offset) % n_workers, []).append(j)
+        leaves: list = [None] * len(parts)
+        for w, js in groups.items():
+            k = (self.key(name), w)
+            layer = self.pin(slots[js[0]])
+            items = tuple(parts[j] for j in js)
+            th = self.state_at(w)
+            layer[k] = (_each_part, fn, self.net, th, self.src, items, *_put(extra, th))
+            layer[k] += self.enc_args
+            for pos, j in enumerate(js):
+                leaves[j] = (operator.getitem, k, pos)
+        self.groups = sorted(groups) if self.pinned else []
+        return leaves
+
+    def state_at(self, w: int):
+        """What the tasks on worker ``w`` take for theta: the copy of the state there (or
+        another copy: the workers changed), else :attr:`th`."""
+        if not self.copies:
+            return self.th
+        return self.copies.get(w, self.copies[min(self.copies)])
 
     def tree(self, name: str, leaves: list) -> list:
         """The fixed-shape tree over ``leaves``; its roots."""
@@ -726,6 +758,54 @@ class DistributedObjective:
 # --------------------------------------------------------------------------- minibatches
 
 
+#: The most workers that keep a copy of a chained step's state (each needs every part's sums).
+MAX_COPIES = 4
+
+
+class _State:
+    """Where a graph being built puts the copy of the state of the worker a task runs on."""
+
+    def __repr__(self) -> str:
+        return "STATE"
+
+
+STATE = _State()
+
+
+def _put(task, value):
+    """``task`` (a nested tuple) with :data:`STATE` replaced by ``value``."""
+    if task is STATE:
+        return value
+    if isinstance(task, tuple):
+        return tuple(_put(t, value) for t in task)
+    return task
+
+
+@dataclass(frozen=True)
+class StateCopies:
+    """The futures of the copies of one step's state, by worker index (the same bits each:
+    :meth:`BatchObjective.step_graph`)."""
+
+    futures: dict[int, Any]
+
+    @property
+    def first(self):
+        """One of them (the loop fetches a state, its record or its arrays, from it)."""
+        return self.futures[min(self.futures)]
+
+    def release(self) -> None:
+        """Release every copy."""
+        for f in self.futures.values():
+            with contextlib.suppress(Exception):
+                f.release()
+
+
+def _each_part(fn, net: Network, theta, src, items, *extra) -> tuple:
+    """``fn(net, theta, src, i, rows, *extra)`` of each part ``(i, rows)`` of ``items`` in
+    turn (the parts of a batch on one worker)."""
+    return tuple(fn(net, theta, src, i, rows, *extra) for i, rows in items)
+
+
 def _same(x):
     return x
 
@@ -788,15 +868,14 @@ class BatchObjective(DistributedObjective):
             roots = g.tree("sum", g.part_leaves("fused", chunks._part_fused, parts, slots))
             final = g.final("final", chunks._finalize_batch_fused, *roots)
             return g.high_level_graph(), final
+        # Pass 1's total and the rho_hat pass 2 uses are a few vectors: each task that needs
+        # them adds them up itself (nested tasks), a hop less on the step's path
         if self.net.sparse_layers:
             roots1 = g.tree("sum1", g.part_leaves("pass1", chunks._part_pass1, parts, slots))
-            total1 = g.key("total1")
-            g.common[total1] = (_sum, *roots1)
+            total1 = (_sum, *roots1)
         else:
-            total1 = g.key("count")
-            g.common[total1] = {"count": np.float64(sum(len(r) for _, r in parts))}
-        rho = g.key("rho")
-        g.common[rho] = (_ema, self.net, total1, rho_ema, decay)
+            total1 = {"count": np.float64(sum(len(r) for _, r in parts))}
+        rho = (_ema, self.net, total1, rho_ema, decay)
         leaves2 = g.part_leaves("pass2", chunks._part_pass2, parts, slots, rho)
         roots2 = g.tree("sum2", leaves2)
         final = g.final("final", chunks._finalize_batch, total1, rho, *roots2)
@@ -804,36 +883,48 @@ class BatchObjective(DistributedObjective):
 
     def step_graph(self, state, parts, slots, decay: float, advance, lr: float):
         """The graph of one optimiser step: the batch of ``parts`` evaluated at the theta of
-        ``state`` (a :class:`~sae.optimize.stochastic.StochasticState`, or the future of one
-        that an earlier step's graph gives) as :meth:`batch_graph`, then ``advance(state, J,
-        grad, rho_hat, lr, rows)`` on a worker: the state after the step.
+        ``state`` (a :class:`~sae.optimize.stochastic.StochasticState`, or the
+        :class:`StateCopies` an earlier step's graph gives) as :meth:`batch_graph`, then
+        ``advance(state, J, grad, rho_hat, lr, rows)`` on each worker of the batch's parts
+        (at most :data:`MAX_COPIES`): the copies of the state after the step.
 
         Returns
         -------
         hlg : dask HighLevelGraph
-        keys : (str, str)
-            The key of the new state and that of its record (the state without its arrays:
-            what the stage's history needs from every step).
+        keys : (dict of int to key, str)
+            The keys of the new state's copies by worker index, and the key of its record
+            (the state without its arrays: what the stage's history needs from every step).
         """
         g = _Graph(self, None, state=state)
         _, out = self.batch_graph(None, parts, None, decay, slots, g=g)
         rows = sum(len(r) for _, r in parts)
-        new, record = g.key("state"), g.key("record")
-        # The batch's finalize inside the step's task: a task less on the step's path.
-        g.common[new] = (_advance_on_worker, advance, g.state, g.common.pop(out), lr, rows)
-        g.common[record] = (_record_of, new)
-        return g.high_level_graph(), (new, record)
+        final = g.common.pop(out)
+        name = g.key("state")
+        copies = {}
+        # Each worker of the batch's parts makes its own copy of the new state from the
+        # batch's sums (the same computation: the same bits), so the next step's tasks find
+        # theta where they run and the workers exchange just their sums. The batch's
+        # finalize runs inside each: a task less on the step's path.
+        for w in g.groups[:MAX_COPIES] or [0]:
+            src = g.state_at(w)
+            layer = g.pinned[w] if g.groups else g.common
+            copies[w] = (name, w)
+            layer[copies[w]] = (_advance_on_worker, advance, src, _put(final, src), lr, rows)
+        record = g.key("record")
+        g.common[record] = (_record_of, copies[min(copies)])
+        return g.high_level_graph(), (copies, record)
 
     def submit_step(self, state, parts, slots, decay: float, advance, lr: float):
-        """Send :meth:`step_graph`; the futures of the new state and of its record."""
+        """Send :meth:`step_graph`; the :class:`StateCopies` of the new state and the future
+        of its record."""
         self._refresh_workers()
-        hlg, keys = self.step_graph(state, parts, slots, decay, advance, lr)
+        hlg, (copies, record) = self.step_graph(state, parts, slots, decay, advance, lr)
         with warnings.catch_warnings():  # a chain's first state is in its graph, by design:
             # so Dask can recompute a lost state from there (a scattered one is just lost)
             warnings.filterwarnings("ignore", message="Sending large graph")
-            new, record = self.client.get(hlg, list(keys), sync=False)
+            *new, rec = self.client.get(hlg, [*copies.values(), record], sync=False)
         self.stats.n_evals += 1
-        return new, record
+        return StateCopies(dict(zip(copies, new, strict=True))), rec
 
     def result(self, future, release: bool = False):
         """The value of a future of :meth:`submit_step`, waited for as an evaluation

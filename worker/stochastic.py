@@ -238,7 +238,7 @@ class _Chained:
             if self.last_step != self.done:  # sent again: compute the chain up to ``done``
                 self._take()
                 continue
-            state = self._wait(self.last, release=False)
+            state = self._wait(self.last.first, release=False)
             if state is not None:
                 self.last_full = state
         return self.last_full
@@ -246,9 +246,9 @@ class _Chained:
     def close(self) -> None:
         """Release the steps sent ahead (nobody wants them: the scheduler drops those not
         run yet) and the last state."""
-        futures = [f for _, a, b in self.queue for f in (a, b)]
+        futures = [f for _, a, b in self.queue for f in (*a.futures.values(), b)]
         if self.last is not None:
-            futures.append(self.last)
+            futures.extend(self.last.futures.values())
         for f in reversed(futures):  # the latest first: nothing then waits on a dropped state
             with contextlib.suppress(Exception):
                 f.release()
