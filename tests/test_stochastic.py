@@ -467,6 +467,88 @@ def test_a_separate_validation_dataset_gives_val_cost_and_the_final_metrics(
         _spec(path, validation_dataset=str(vpath), validation_fraction=0.2)
 
 
+def _files(folder: Path) -> dict:
+    """What a stage's folder holds that is deterministic: its arrays and its history."""
+    out = {}
+    for name in ("model.npz", "state.npz", "best.npz"):
+        if (folder / name).exists():
+            z = np.load(folder / name)
+            out[name] = {f: (z[f].dtype.str, z[f].shape, z[f].tobytes()) for f in z.files}
+    hist = json.loads((folder / "history.json").read_text())
+    out["history"] = [{k: v for k, v in e.items() if k != "seconds"} for e in hist]
+    return out
+
+
+@pytest.mark.bitwise
+@pytest.mark.parametrize("chained", [True, False], ids=["chained", "here"])
+def test_a_stop_during_a_held_out_cost_resumes_with_that_held_out_cost(
+    two_workers, data, tmp_path, monkeypatch, chained
+):
+    """The stop arrives after step 8's batch, while its held-out cost is computed (which the
+    stop cuts short): the resumed stage computes that held-out cost first, so its history,
+    best model and early-stopping count are those of the uninterrupted stage."""
+    import worker.stochastic as stochastic
+
+    if not chained:
+        monkeypatch.setattr(stochastic, "CHAIN_STATE_BYTES", 0)
+    path, _ = data
+    spec = _spec(path, validation_fraction=0.2, validate_every=4, early_stopping=50)
+    train(spec, tmp_path / "full", client=two_workers)
+    stop = threading.Event()
+    real = stochastic._validates
+
+    def stop_at_step_8(stage, state, total):
+        if state.step == 8:
+            stop.set()
+        return real(stage, state, total)
+
+    monkeypatch.setattr(stochastic, "_validates", stop_at_step_8)
+    cut = train(spec, tmp_path / "cut", client=two_workers, should_stop=stop.is_set)
+    assert cut.status == "cancelled" and cut.iterations == 8
+    hist = json.loads((tmp_path / "cut" / "history.json").read_text())
+    assert hist[-1]["iteration"] == 8 and "val_cost" not in hist[-1]
+    monkeypatch.setattr(stochastic, "_validates", real)
+    res = train(spec, tmp_path / "cut", client=two_workers, resume=True)
+    assert res.status == "succeeded"
+    assert _files(tmp_path / "cut") == _files(tmp_path / "full")
+
+
+@pytest.mark.bitwise
+def test_a_stop_whose_last_state_is_out_of_reach_resumes_from_the_last_checkpoint(
+    two_workers, data, tmp_path, monkeypatch
+):
+    """Stopped while the scheduler is away (the state of the last step is lost with it): the
+    stage ends cancelled, not failed, and resumes bitwise from its last checkpoint."""
+    import worker.stochastic as stochastic
+    from worker.engine import SchedulerLost
+
+    path, _ = data
+    spec = _spec(path)
+    train(spec, tmp_path / "full", client=two_workers)
+    stop = threading.Event()
+    real = stochastic._Chained.full
+
+    def lost_once_stopped(self):
+        if stop.is_set():
+            raise SchedulerLost("scheduler: the connection was lost and did not come back")
+        return real(self)
+
+    monkeypatch.setattr(stochastic._Chained, "full", lost_once_stopped)
+    cut = train(
+        spec,
+        tmp_path / "cut",
+        client=two_workers,
+        should_stop=stop.is_set,
+        on_iteration=lambda e: e["iteration"] >= 12 and stop.set(),
+    )
+    assert cut.status == "cancelled" and "resumes from its last checkpoint" in cut.message
+    assert StochasticState.load(tmp_path / "cut" / "state.npz").step == 10  # every 5 steps
+    monkeypatch.setattr(stochastic._Chained, "full", real)
+    res = train(spec, tmp_path / "cut", client=two_workers, resume=True)
+    assert res.status == "succeeded"
+    assert _files(tmp_path / "cut") == _files(tmp_path / "full")
+
+
 def _overshooting(path: str) -> TrainSpec:
     """SGD with a learning rate far too large: the held-out cost soon stops improving."""
     return _spec(

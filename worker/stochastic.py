@@ -37,6 +37,8 @@ CHAIN = 32
 CHAIN_STATE_BYTES = 256 * 2**20
 #: A lost scheduler: the chain is sent again this many times in a row at most.
 RESENDS = 20
+#: Seconds a stopped stage waits for the state of its last step, which the workers hold.
+STOP_FETCH_SECONDS = 60.0
 
 
 def _start(stage: Stage, resume: bool):
@@ -126,6 +128,10 @@ class _Here:
 
     def full(self):
         """The whole state (theta, moments) after the last step :meth:`next` gave."""
+        return self.state
+
+    def held(self):
+        """The latest whole state held here (that of :meth:`full`)."""
         return self.state
 
     def close(self) -> None:
@@ -243,6 +249,13 @@ class _Chained:
                 self.last_full = state
         return self.last_full
 
+    def held(self):
+        """The latest whole state held here, without waiting: the last one fetched, or the
+        start of the chain."""
+        if self.last_full is not None and self.last_full.step >= self.root.step:
+            return self.last_full
+        return self.root
+
     def close(self) -> None:
         """Release the steps sent ahead (nobody wants them: the scheduler drops those not
         run yet) and the last state."""
@@ -263,6 +276,27 @@ def _stepper(stage: Stage, objective, state, total: int):
     if chains and 3 * state.theta.nbytes <= CHAIN_STATE_BYTES:
         return _Chained(stage, objective, state, total)
     return _Here(stage, objective, state, total)
+
+
+def _validates(stage: Stage, state, total: int) -> bool:
+    """Whether the held-out cost is computed after ``state``'s step: every
+    ``stage.validate_every`` steps, at each epoch's end and at the last step."""
+    return state.step % stage.validate_every == 0 or state.batch == 0 or state.step == total
+
+
+@contextlib.contextmanager
+def _patient(objective, seconds: float):
+    """Waits of ``objective`` (for a state the workers hold) that a stop request does not cut
+    short for ``seconds``: what a stopped stage still needs to fetch to save its last step."""
+    if not hasattr(objective, "should_stop"):
+        yield
+        return
+    before, deadline = objective.should_stop, time.monotonic() + seconds
+    objective.should_stop = lambda: time.monotonic() > deadline
+    try:
+        yield
+    finally:
+        objective.should_stop = before
 
 
 def _judge(stage: Stage, best: dict, step: int, theta, val: float, writer: CheckpointWriter):
@@ -317,6 +351,18 @@ def run_stochastic_stage(
     stage.folder.mkdir(parents=True, exist_ok=True)
     state, history, offset = _start(stage, resume)
     best = {"best_val": state.best_val, "best_step": state.best_step, "stale": state.stale}
+    # Stopped during the held-out cost of its last step (its entry has none): computed now,
+    # as the uninterrupted stage did, before the next step
+    validate_first = (
+        validate is not None
+        and state.step > 0
+        and bool(history)
+        and history[-1]["iteration"] == state.step
+        and "val_cost" not in history[-1]
+        and _validates(stage, state, stage.max_iter)
+    )
+    if validate_first:
+        history.pop()
     writer = CheckpointWriter(stage.folder / layout.HISTORY, stage.folder / layout.STATE, history)
     total, b = stage.max_iter, stage.batches
     t_start, last_refresh = time.perf_counter(), -math.inf
@@ -344,6 +390,16 @@ def run_stochastic_stage(
 
     try:
         with one_blas_thread():
+            if validate_first:
+                val = validate(state.theta)
+                best = _judge(stage, best, state.step, state.theta, val, writer)
+                state = state.replace(**best)
+                entry = entry_of(state, learning_rate(state.options, state.step - 1, total))
+                entry["val_cost"] = val
+                history.append(entry)
+                writer.put(entry, state)
+                if hooks.on_iteration is not None:
+                    hooks.on_iteration(dict(entry))
             stopped = stage.early_stopping is not None and state.stale >= stage.early_stopping
             if stopped:  # a resumed stage that had stopped early stays stopped
                 message = f"stopped early at step {state.step} (best at {state.best_step})"
@@ -355,9 +411,7 @@ def run_stochastic_stage(
                 state = record.replace(**best)
                 end_of_epoch, last = state.batch == 0, state.step == total
                 val = None
-                if validate is not None and (
-                    state.step % stage.validate_every == 0 or end_of_epoch or last
-                ):
+                if validate is not None and _validates(stage, state, total):
                     theta = steps.full().theta
                     val = validate(theta)
                     best = _judge(stage, best, state.step, theta, val, writer)
@@ -398,14 +452,25 @@ def run_stochastic_stage(
         steps.close()
         raise
     try:
+        theta = None
         if status == "cancelled" and state.step > 0:  # exact resume from this very step
-            state = full()
-            if not history or history[-1]["iteration"] < state.step:
-                history.append(entry_of(state, learning_rate(state.options, state.step - 1, total)))
-                writer.put(history[-1], state)
+            try:
+                with _patient(objective, STOP_FETCH_SECONDS):  # the workers hold it
+                    state, theta = full(), steps.full().theta
+            except Exception:  # the scheduler or the workers are gone: the last checkpoint
+                # (exact, at an earlier step) is where the stage resumes
+                message += "; its state was out of reach: it resumes from its last checkpoint"
+                state = steps.held()
+                theta = state.theta
             else:
-                writer.put(None, state)
-        theta = steps.full().theta
+                if not history or history[-1]["iteration"] < state.step:
+                    entry = entry_of(state, learning_rate(state.options, state.step - 1, total))
+                    history.append(entry)
+                    writer.put(history[-1], state)
+                else:
+                    writer.put(None, state)
+        if theta is None:
+            theta = steps.full().theta
     finally:
         writer.close()
         steps.close()
