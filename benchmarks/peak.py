@@ -119,7 +119,7 @@ def describe(flops: float, seconds: float, peak: float | None, label: str = "pea
     return f"{g:.1f} GFLOP/s, {g / peak:.0%} of {label}"
 
 
-def network_flops(net, rows: int) -> float:
+def network_flops(net, rows: int, kept: bool = False) -> float:
     """:func:`objective_flops` of ``net`` (a Network or a Dictionary) as the kernels run it.
 
     The first layer counts twice when the network has a sparse layer (a sparsity target, or
@@ -134,6 +134,10 @@ def network_flops(net, rows: int) -> float:
     net : Network or Dictionary
         Anything with ``sizes`` and ``sparse_layers``.
     rows : int
+    kept : bool
+        Pass 2 takes the activations pass 1 kept (``sae.objective.cost`` and the minibatch
+        engine with two passes, for a sigmoid-KL network): the forward products up to the
+        last sparse layer count once (``10 m n h`` for 784-196).
 
     Returns
     -------
@@ -141,6 +145,8 @@ def network_flops(net, rows: int) -> float:
     """
     sizes = tuple(net.sizes)
     upto = max(net.sparse_layers, default=0)
+    if kept and getattr(net, "kind", "sigmoid-kl") == "sigmoid-kl":
+        upto = 0
     extra = sum(2.0 * rows * a * b for a, b in zip(sizes[:upto], sizes[1 : upto + 1], strict=True))
     return objective_flops(sizes, rows, first_layer_twice=False) + extra
 

@@ -95,8 +95,17 @@ def _f64(a) -> np.ndarray:
     return np.asarray(a, dtype=np.float64)
 
 
-def pass1(net: Network, theta: np.ndarray, X: np.ndarray, dtype=None) -> Sums:
+def pass1(
+    net: Network, theta: np.ndarray, X: np.ndarray, dtype=None, keep: list | None = None
+) -> Sums:
     """Pass 1 on one chunk: activation sums of the sparse layers.
+
+    Parameters
+    ----------
+    keep : list, optional
+        Filled with each row block's activations of layers 1 to the last sparse one (a
+        list of arrays of shape (block, n_l) per block), which :func:`pass2` takes as
+        ``given`` instead of computing them again (a sigmoid-KL network's only).
 
     Returns
     -------
@@ -120,12 +129,16 @@ def pass1(net: Network, theta: np.ndarray, X: np.ndarray, dtype=None) -> Sums:
     for rows in row_blocks(X.shape[0]):
         a = X[rows]
         part: Sums = {}
+        block = []
         for l in range(1, upto + 1):
             z = mm(a, Wd[l - 1].T)
             z += bd[l - 1]
             a = acts[l - 1].f(z)
+            block.append(a)
             if l in net.sparse_layers:
                 part[f"a{l}_sum"] = colsum(a)
+        if keep is not None:
+            keep.append(block)
         total = accumulate(total, part)
     sums.update(total)
     return sums
@@ -191,12 +204,15 @@ def _backprop(
     s: dict[int, np.ndarray],
     dtype,
     fused_layer1: bool = False,
+    given: list | None = None,
 ) -> Sums:
     """Error sum and gradient sums for one chunk, with sparsity terms ``s`` added to deltas,
     in row blocks of :data:`BLOCK_ROWS`.
 
     With ``fused_layer1``, also the one-pass sums of layer 1 (:func:`fused`): ``"a1_sum"``,
-    ``"fpx1"`` and ``"fp1"``; ``fpx1`` and ``W1`` come from one matrix product.
+    ``"fpx1"`` and ``"fp1"``; ``fpx1`` and ``W1`` come from one matrix product. ``given``:
+    the first layers' activations of each block, as :func:`pass1` keeps them (computed by the
+    same products: the same bits as computing them here).
     """
     dt = _compute_dtype(dtype)
     X = blas_ready(net.check_X(X), dt)
@@ -210,9 +226,12 @@ def _backprop(
     L = net.n_layers
     mm = matmul(dtype)
     total: Sums | None = None
-    for rows in row_blocks(X.shape[0]):
-        A = [X[rows]]
-        for l in range(L):
+    blocks = row_blocks(X.shape[0])
+    if given is not None and len(given) != len(blocks):
+        raise ValueError(f"given: {len(given)} blocks of activations for {len(blocks)} blocks")
+    for k, rows in enumerate(blocks):
+        A = [X[rows], *(given[k] if given is not None else ())]
+        for l in range(len(A) - 1, L):
             z = mm(A[-1], Wd[l].T)
             z += bd[l]
             A.append(acts[l].f(z))
@@ -265,6 +284,7 @@ def pass2(
     rho_hat_: dict[int, np.ndarray],
     Y: np.ndarray | None = None,
     dtype=None,
+    given: list | None = None,
 ) -> Sums:
     """Pass 2 on one chunk, given rho_hat: error sum and backpropagation sums.
 
@@ -278,6 +298,9 @@ def pass2(
     Y : ndarray of shape (m_chunk, n_L), optional
         Targets; default X.
     dtype : {"float64", "float32"}, optional
+    given : list, optional
+        What :func:`pass1` kept of the same ``X`` at the same ``theta`` (``keep``): its
+        products are not computed again (a sigmoid-KL network's only).
 
     Returns
     -------
@@ -293,7 +316,7 @@ def pass2(
     if not all(np.all(np.isfinite(sl)) for sl in s.values()):
         why = _not_finite_reason(net, theta, rho_hat_)
         raise FloatingPointError(f"objective: sparsity gradient is not finite: {why}")
-    return _backprop(net, theta, X, Y, s, dtype)
+    return _backprop(net, theta, X, Y, s, dtype, given=given)
 
 
 def check_fused(net: Network) -> None:
@@ -438,9 +461,10 @@ def cost(
     J : float
     grad : ndarray of shape (n_params,)
     """
-    if passes == "two":
-        s1 = pass1(net, theta, X, dtype=dtype)
-        s2 = pass2(net, theta, X, rho_hat(net, s1), Y=Y, dtype=dtype)
+    if passes == "two":  # pass 2 takes up the first layers' activations where pass 1 left
+        keep = [] if net.kind == "sigmoid-kl" and net.sparse_layers else None
+        s1 = pass1(net, theta, X, dtype=dtype, keep=keep)
+        s2 = pass2(net, theta, X, rho_hat(net, s1), Y=Y, dtype=dtype, given=keep or None)
         return finalize(net, theta, merge_sums(s1, s2))
     if passes == "fused":
         return finalize(net, theta, fused(net, theta, X, Y=Y, dtype=dtype))

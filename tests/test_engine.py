@@ -13,7 +13,7 @@ import pytest
 
 from sae import objective as obj
 from sae.network import Network
-from worker.chunks import cache_stats, clear_cache
+from worker.chunks import cache_stats, clear_cache, kept_stats
 from worker.dataset import ChunkError, write_dataset
 from worker.engine import Cancelled, DistributedObjective, LocalObjective
 from worker.memwatch import peak_rss, start_rss_sampler, stop_rss_sampler
@@ -187,12 +187,16 @@ def test_cache_affinity_and_invalidation(two_workers, tmp_path):
     f = DistributedObjective(
         two_workers, str(path), net, cache=True, job="cache", single_task=False
     )
+    kept = sum(s["hits"] for s in two_workers.run(kept_stats).values())
     for _ in range(3):
         f(theta)
     stats = two_workers.run(cache_stats)
-    # 8 chunks pinned 4 + 4: every chunk decoded once, then served from memory.
+    # 8 chunks pinned 4 + 4: every chunk decoded once, then served from memory to pass 1;
+    # pass 2 takes up the rows and activations pass 1 kept on the same worker
     assert sorted(s["misses"] for s in stats.values()) == [4, 4]
-    assert sum(s["hits"] for s in stats.values()) == 8 * 2 * 3 - 8
+    assert sum(s["hits"] for s in stats.values()) == 8 * 3 - 8
+    assert sum(s["hits"] for s in two_workers.run(kept_stats).values()) == kept + 8 * 3
+    assert sum(s["entries"] for s in two_workers.run(kept_stats).values()) == 0
     # Rewrite the dataset in place: a new objective must see the new values.
     X2 = X[::-1].copy()
     write_dataset(path, X2, *X2.shape, dtype="float64", chunk_rows=100, overwrite=True)

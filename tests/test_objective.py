@@ -269,3 +269,33 @@ def test_row_blocks_add_up_to_the_whole_chunk(name, monkeypatch):
     Ws, bs = net.unpack(theta)
     J_ref = loop_cost(net.sizes, net.activations, Ws, bs, X, X, net.lam, net.rho, net.beta)[0]
     assert J == pytest.approx(J_ref, rel=1e-12)
+
+
+@pytest.mark.parametrize("dtype", ["float64", "float32"])
+@pytest.mark.parametrize("name", [n for n, net in NETS.items() if net.sparse_layers])
+def test_pass_2_from_what_pass_1_kept_has_the_same_bits(name, dtype, monkeypatch):
+    """Pass 2 given the activations pass 1 kept (the minibatch engine and ``cost`` skip those
+    products) gives bitwise the sums of pass 2 computing them, in blocks of 7 rows too;
+    blocks that do not match the chunk's are refused."""
+    import sae.blocks
+
+    net = NETS[name]
+    X = _inputs(net, 50, seed=5)
+    theta = net.init_theta(3)
+    for block in (1000, 7):
+        monkeypatch.setattr(sae.blocks, "BLOCK_ROWS", block)
+        keep: list = []
+        s1 = pass1(net, theta, X, dtype=dtype, keep=keep)
+        assert len(keep) == -(-50 // block)
+        assert len(keep[0]) == max(net.sparse_layers)
+        r = rho_hat(net, s1)
+        full = pass2(net, theta, X, r, dtype=dtype)
+        given = pass2(net, theta, X, r, dtype=dtype, given=keep)
+        assert full.keys() == given.keys()
+        for k in full:
+            assert np.array_equal(full[k], given[k]), k
+    with pytest.raises(ValueError, match="^given: "):
+        pass2(net, theta, X, r, dtype=dtype, given=keep[:-1])
+    keep[0][0] = keep[0][0] + 0.5  # what pass 2 computes does come from what it is given
+    moved = pass2(net, theta, X, r, dtype=dtype, given=keep)
+    assert not np.array_equal(moved["W1"], full["W1"])

@@ -18,6 +18,7 @@ from sae.gradcheck import check_gradient
 from sae.network import Network
 from sae.optimize.stochastic import StochasticState, learning_rate, step, stochastic_options
 from worker.batches import Batches
+from worker.chunks import kept_stats
 from worker.dataset import open_dataset, write_dataset
 from worker.engine import BatchObjective
 from worker.layout import load_model
@@ -195,7 +196,10 @@ def test_batch_objective_is_the_exact_objective_of_the_batch(two_workers, data):
     f = BatchObjective(two_workers, path, net, job="batch")
     parts = b.parts(0, 3)
     rows = np.concatenate([c * 90 + r for c, r in parts])
+    before = sum(s["hits"] for s in two_workers.run(kept_stats).values())
     J, g, rho_hat = f(theta, parts)
+    # each part's pass 2 took up what its pass 1 left on that worker
+    assert sum(s["hits"] for s in two_workers.run(kept_stats).values()) == before + len(parts)
     J0, g0 = obj.cost(net, theta, X[rows])
     assert abs(J - J0) <= 1e-12 * abs(J0)
     np.testing.assert_allclose(g, g0, rtol=1e-10, atol=1e-13)

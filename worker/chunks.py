@@ -147,10 +147,35 @@ def _stage_data(
     return out
 
 
+def _pass1_keeping(net: Network, theta, X, Y, src: ChunkSource, memo, limit: int):
+    """Pass 1 on ``X``; with ``memo``, what pass 2 of the same rows takes up is kept here."""
+    keep = [] if memo is not None and net.kind == "sigmoid-kl" else None
+    sums = obj.pass1(net, theta, X, dtype=src.dtype, keep=keep)
+    if keep:
+        _KEPT.put(memo, (X, Y, keep), limit)
+    return sums
+
+
+def _pass2_kept(net: Network, theta, rho_hat: dict, src: ChunkSource, memo, data):
+    """Pass 2 given ``rho_hat``, from what pass 1 kept under ``memo`` when it did, else on
+    ``data() -> (X, Y)``."""
+    kept = _KEPT.pop(memo) if memo is not None else None
+    X, Y, given = (*data(), None) if kept is None else kept
+    return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype, given=given)
+
+
+def _chunk_limit(src: ChunkSource) -> int:
+    return min(KEPT_CHUNK_BYTES, src.cache_bytes // 4)
+
+
 @single_threaded
-def _chunk_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None):
-    X, _ = _stage_data(src, i, encoder)
-    return obj.pass1(net, theta, X, dtype=src.dtype)
+def _chunk_pass1(
+    net: Network, theta: np.ndarray, src: ChunkSource, i: int, encoder=None, memo=None
+):
+    """Pass 1 on chunk ``i``; ``memo``: a key of the chunk unique to this evaluation (what
+    pass 1 keeps for pass 2, :class:`_Kept`)."""
+    X, Y = _stage_data(src, i, encoder)
+    return _pass1_keeping(net, theta, X, Y, src, memo, _chunk_limit(src))
 
 
 @single_threaded
@@ -169,10 +194,17 @@ def _chunk_fused(net: Network, theta: np.ndarray, src: ChunkSource, i: int, enco
 
 @single_threaded
 def _pass2_given_sums1(
-    net: Network, theta: np.ndarray, src: ChunkSource, i: int, sums1: obj.Sums, encoder=None
+    net: Network,
+    theta: np.ndarray,
+    src: ChunkSource,
+    i: int,
+    sums1: obj.Sums,
+    encoder=None,
+    memo=None,
 ):
-    X, Y = _stage_data(src, i, encoder)
-    return obj.pass2(net, theta, X, obj.rho_hat(net, sums1), Y=Y, dtype=src.dtype)
+    return _pass2_kept(
+        net, theta, obj.rho_hat(net, sums1), src, memo, lambda: _stage_data(src, i, encoder)
+    )
 
 
 @single_threaded
@@ -256,22 +288,92 @@ def theta_of(theta):
     return getattr(theta, "theta", theta)
 
 
+class _Kept:
+    """What pass 1 leaves on a worker for the pass 2 of the same rows in the same graph (the
+    rows and their first activations), by ``(graph token, chunk or part)``: bytes-bounded,
+    entries of older graphs out first, and nothing more kept once full (pass 2 takes the
+    entries in the order pass 1 made them). A pass 2 that finds nothing (run elsewhere, or
+    not kept) computes it all again: the same bits."""
+
+    def __init__(self) -> None:
+        self._items: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
+        self.nbytes = 0
+        self.hits = 0
+        self.misses = 0
+        self._lock = threading.Lock()
+
+    def put(self, key: tuple, value: tuple, limit: int) -> None:
+        arrays = [value[0], value[1], *(a for block in value[2] for a in block)]
+        size = sum(a.nbytes for a in arrays if a is not None)
+        with self._lock:
+            for k in [k for k in self._items if k[0] != key[0]]:
+                if self.nbytes + size <= limit:
+                    break
+                self.nbytes -= self._items.pop(k)[1]
+            if self.nbytes + size <= limit:
+                self._items[key] = (value, size)
+                self.nbytes += size
+
+    def pop(self, key: tuple):
+        with self._lock:
+            item = self._items.pop(key, None)
+            if item is None:
+                self.misses += 1
+                return None
+            self.hits += 1
+            self.nbytes -= item[1]
+            return item[0]
+
+    def stats(self) -> dict[str, int]:
+        with self._lock:
+            return {
+                "entries": len(self._items),
+                "nbytes": self.nbytes,
+                "hits": self.hits,
+                "misses": self.misses,
+            }
+
+
+#: Bytes a worker keeps of a minibatch's pass 1 for its pass 2 (a few parts at a time).
+KEPT_PART_BYTES = 64 * 2**20
+#: ... and of a full-batch evaluation's, at most (and a quarter of the chunk cache's bound).
+KEPT_CHUNK_BYTES = 256 * 2**20
+
+
+_KEPT = _Kept()
+
+
+def kept_stats() -> dict[str, int]:
+    """This process's figures of what pass 1 left for pass 2 (``client.run`` on workers)."""
+    return _KEPT.stats()
+
+
 @single_threaded
-def _part_pass1(net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None):
+def _part_pass1(
+    net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, encoder=None, memo=None
+):
+    """Pass 1 on a batch's rows of chunk ``i``; with ``memo`` (a key unique to the part of
+    this graph), the rows and their activations are kept for its pass 2 (:class:`_Kept`)."""
     theta = theta_of(theta)
-    X, _ = _part_data(src, i, rows, encoder)
-    return obj.pass1(net, theta, X, dtype=src.dtype)
+    X, Y = _part_data(src, i, rows, encoder)
+    return _pass1_keeping(net, theta, X, Y, src, memo, KEPT_PART_BYTES)
 
 
 @single_threaded
 def _part_pass2(
-    net: Network, theta: np.ndarray, src: ChunkSource, i: int, rows, rho_hat: dict, encoder=None
+    net: Network,
+    theta: np.ndarray,
+    src: ChunkSource,
+    i: int,
+    rows,
+    rho_hat: dict,
+    encoder=None,
+    memo=None,
 ):
     """Pass 2 on a batch's rows of chunk ``i`` given the sparse layers' ``rho_hat`` (that of
-    the batch, or a running average)."""
+    the batch, or a running average), from what its pass 1 kept here when it did."""
     theta = theta_of(theta)
-    X, Y = _part_data(src, i, rows, encoder)
-    return obj.pass2(net, theta, X, rho_hat, Y=Y, dtype=src.dtype)
+    return _pass2_kept(net, theta, rho_hat, src, memo, lambda: _part_data(src, i, rows, encoder))
 
 
 @single_threaded

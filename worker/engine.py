@@ -57,6 +57,7 @@ import uuid
 import warnings
 import zlib
 from dataclasses import dataclass, field
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -376,21 +377,33 @@ class _Graph:
             return None
         return (i + self.f._offset) % len(workers)
 
-    def leaves(self, name: str, fn, *extra) -> list[tuple[str, int]]:
-        """One task ``fn(net, theta, src, i, *extra, *encoder)`` per chunk."""
+    def leaves(self, name: str, fn, *extra, memo: bool = False) -> list[tuple[str, int]]:
+        """One task ``fn(net, theta, src, i, *extra, *encoder)`` per chunk; ``memo``: ``fn``
+        also takes ``memo=``, a key of the chunk unique to this graph (what pass 1 keeps for
+        pass 2, :class:`worker.chunks._Kept`)."""
         keys = []
         for i in range(self.n):
             k = (self.key(name), i)
-            self.pin(i)[k] = (fn, self.net, self.th, self.src, i, *extra, *self.enc_args)
+            f = partial(fn, memo=(self.tok, i)) if memo else fn
+            self.pin(i)[k] = (f, self.net, self.th, self.src, i, *extra, *self.enc_args)
             keys.append(k)
         return keys
 
-    def part_leaves(self, name: str, fn, parts, slots, *extra) -> list:
+    @property
+    def keeps(self) -> bool:
+        """Whether pass 2 takes up where pass 1 left off on the chunks (a sigmoid-KL network
+        with a sparse layer, chunks cached: what is kept is bounded by the cache's bound)."""
+        net = self.net
+        return net.kind == "sigmoid-kl" and bool(net.sparse_layers) and self.src.cache_bytes > 0
+
+    def part_leaves(self, name: str, fn, parts, slots, *extra, memo: bool = False) -> list:
         """``fn(net, theta, src, i, rows, *extra, *encoder)`` of each part of a batch, one
         task per worker (placed by the parts' slots, :meth:`worker.batches.Batches.slots`)
         computing its parts in turn: a batch's few parts cost a task and a hop each
         otherwise. The leaves, in part order, are the items of those tasks' tuples (nested
         tasks, evaluated inside the tasks that add them up): the same sums in the same tree.
+        ``memo``: ``fn`` also takes ``memo=``, a key of the part unique to this graph (what
+        pass 1 keeps for pass 2, :class:`worker.chunks._Kept`).
         """
         n_workers = max(1, len(self.f._workers))
         groups: dict[int, list[int]] = {}
@@ -400,7 +413,7 @@ class _Graph:
         for w, js in groups.items():
             k = (self.key(name), w)
             layer = self.pin(slots[js[0]])
-            items = tuple(parts[j] for j in js)
+            items = tuple((*parts[j], (self.tok, j) if memo else None) for j in js)
             th = self.state_at(w)
             layer[k] = (_each_part, fn, self.net, th, self.src, items, *_put(extra, th))
             layer[k] += self.enc_args
@@ -448,7 +461,7 @@ class _Graph:
             key = self.key("count")
             self.common[key] = {"count": np.float64(m)}
             return key
-        roots = self.tree("sum1", self.leaves("pass1", _chunk_pass1))
+        roots = self.tree("sum1", self.leaves("pass1", _chunk_pass1, memo=self.keeps))
         if len(roots) == 1:  # one chunk: its sums are the total
             return roots[0]
         key = self.key("sum1")
@@ -654,7 +667,7 @@ class DistributedObjective:
             final = g.final("final", _finalize_one, *roots)
         else:
             total1 = g.pass1_total(self.info.shape[0])
-            leaves2 = g.leaves("pass2", _pass2_given_sums1, total1)
+            leaves2 = g.leaves("pass2", _pass2_given_sums1, total1, memo=g.keeps)
             final = g.final("final", _finalize_two, total1, *g.tree("sum2", leaves2))
         return g.high_level_graph(), final
 
@@ -801,9 +814,12 @@ class StateCopies:
 
 
 def _each_part(fn, net: Network, theta, src, items, *extra) -> tuple:
-    """``fn(net, theta, src, i, rows, *extra)`` of each part ``(i, rows)`` of ``items`` in
-    turn (the parts of a batch on one worker)."""
-    return tuple(fn(net, theta, src, i, rows, *extra) for i, rows in items)
+    """``fn(net, theta, src, i, rows, *extra[, memo=memo])`` of each part ``(i, rows, memo)``
+    of ``items`` in turn (the parts of a batch on one worker)."""
+    return tuple(
+        fn(net, theta, src, i, rows, *extra, **({} if memo is None else {"memo": memo}))
+        for i, rows, memo in items
+    )
 
 
 def _same(x):
@@ -871,12 +887,14 @@ class BatchObjective(DistributedObjective):
         # Pass 1's total and the rho_hat pass 2 uses are a few vectors: each task that needs
         # them adds them up itself (nested tasks), a hop less on the step's path
         if self.net.sparse_layers:
-            roots1 = g.tree("sum1", g.part_leaves("pass1", chunks._part_pass1, parts, slots))
+            leaves1 = g.part_leaves("pass1", chunks._part_pass1, parts, slots, memo=True)
+            roots1 = g.tree("sum1", leaves1)
             total1 = (_sum, *roots1)
         else:
             total1 = {"count": np.float64(sum(len(r) for _, r in parts))}
         rho = (_ema, self.net, total1, rho_ema, decay)
-        leaves2 = g.part_leaves("pass2", chunks._part_pass2, parts, slots, rho)
+        memo = bool(self.net.sparse_layers)  # pass 2 takes up where pass 1 left off
+        leaves2 = g.part_leaves("pass2", chunks._part_pass2, parts, slots, rho, memo=memo)
         roots2 = g.tree("sum2", leaves2)
         final = g.final("final", chunks._finalize_batch, total1, rho, *roots2)
         return g.high_level_graph(), final
