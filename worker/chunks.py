@@ -288,21 +288,14 @@ def theta_of(theta):
     return getattr(theta, "theta", theta)
 
 
-class _Kept:
+class _Kept(_ChunkCache):
     """What pass 1 leaves on a worker for the pass 2 of the same rows in the same graph (the
     rows and their first activations), by ``(graph token, chunk or part)``: bytes-bounded,
     entries of older graphs out first, and nothing more kept once full (pass 2 takes the
     entries in the order pass 1 made them). A pass 2 that finds nothing (run elsewhere, or
     not kept) computes it all again: the same bits."""
 
-    def __init__(self) -> None:
-        self._items: OrderedDict[tuple, tuple[tuple, int]] = OrderedDict()
-        self.nbytes = 0
-        self.hits = 0
-        self.misses = 0
-        self._lock = threading.Lock()
-
-    def put(self, key: tuple, value: tuple, limit: int) -> None:
+    def put(self, key: tuple, value: tuple, limit: int) -> None:  # type: ignore[override]
         arrays = [value[0], value[1], *(a for block in value[2] for a in block)]
         size = sum(a.nbytes for a in arrays if a is not None)
         with self._lock:
@@ -323,15 +316,6 @@ class _Kept:
             self.hits += 1
             self.nbytes -= item[1]
             return item[0]
-
-    def stats(self) -> dict[str, int]:
-        with self._lock:
-            return {
-                "entries": len(self._items),
-                "nbytes": self.nbytes,
-                "hits": self.hits,
-                "misses": self.misses,
-            }
 
 
 #: Bytes a worker keeps of a minibatch's pass 1 for its pass 2 (a few parts at a time).
