@@ -103,6 +103,25 @@ def test_adam_and_sgd_steps_follow_their_equations():
         np.testing.assert_allclose(st.theta, _sgd_loop(theta0, grads, 0.1, 0.8, nesterov))
 
 
+def test_adam_in_cache_sized_blocks_has_the_bits_of_the_whole_array_expression():
+    """The Adam step runs block by block (``STEP_BLOCK`` elements); each operation is the one
+    of the whole-array expression, in its order: bitwise the same theta, m and v."""
+    rng = np.random.default_rng(3)
+    n = 40_000  # two full blocks and a part
+    theta, m, v = rng.normal(size=n), None, None
+    st = StochasticState.start("adam", theta, {"learning_rate": 0.01, "eps": 1e-7})
+    b1, b2, eps = 0.9, 0.999, 1e-7
+    for t in range(1, 5):
+        g = rng.normal(size=n)
+        lr = 0.01 / t
+        st = step(st, g, lr)
+        m = (1.0 - b1) * g if m is None else b1 * m + (1.0 - b1) * g
+        v = (1.0 - b2) * (g * g) if v is None else b2 * v + (1.0 - b2) * (g * g)
+        theta = theta - lr * (m / (1.0 - b1**t)) / (np.sqrt(v / (1.0 - b2**t)) + eps)
+        assert np.array_equal(st.m, m) and np.array_equal(st.v, v)
+        assert np.array_equal(st.theta, theta)
+
+
 def test_gradient_clipping_scales_long_gradients_only():
     theta0 = np.zeros(3)
     st = StochasticState.start("sgd", theta0, {"momentum": 0.0, "clip_norm": 1.0})
