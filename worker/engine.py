@@ -367,15 +367,10 @@ class _Graph:
 
     def pin(self, i: int) -> dict:
         """The layer of the tasks on chunk ``i``."""
-        w = self._worker_of(i)
-        return self.common if w is None else self.pinned.setdefault(w, {})
-
-    def _worker_of(self, i: int) -> int | None:
-        """The index of the worker caching chunk ``i`` (None: tasks are not pinned)."""
         workers = self.f._workers
         if not workers or self.f.cache_bytes == 0:
-            return None
-        return (i + self.f._offset) % len(workers)
+            return self.common
+        return self.pinned.setdefault((i + self.f._offset) % len(workers), {})
 
     def leaves(self, name: str, fn, *extra, memo: bool = False) -> list[tuple[str, int]]:
         """One task ``fn(net, theta, src, i, *extra, *encoder)`` per chunk; ``memo``: ``fn``
