@@ -136,6 +136,9 @@ def test_long_history_and_a_deleted_job(tmp_path):
         assert 2 <= drawn <= 1001
         assert 'data-rendered="true"' in curve.group(0) and _text(dom, "error") == ""
         assert 'data-validation="true"' in curve.group(0)  # a dashed validation line too
+        # a held-out cost at every entry: thinned like the training curve, not 300,000 dots
+        shown = int(re.search(r'data-validation-points="(\d+)"', curve.group(0)).group(1))
+        assert 2 <= shown <= 1001, shown
 
         # a job that does not exist (or was deleted): the page says so and stops polling
         assert http.delete(f"/jobs/{job_id}").status_code == 204

@@ -100,14 +100,19 @@
       }
       return st;
     };
-    let k = 0;  // validation points: every one (they are few), wherever the drawn ones fall
+    // validation points: every one while they are few, else every vstep-th and the last,
+    // wherever the drawn ones fall (a held-out cost at every step would be a scatter of
+    // hundreds of thousands of points)
+    const vals = [];
+    for (let i = 0; i < n; i++) if (typeof entries[i].val_cost === "number") vals.push(i);
+    const vstep = Math.ceil(vals.length / MAX_POINTS);
+    const vkeep = vals.filter((i, j) => j % vstep === 0 || j === vals.length - 1);
+    let k = 0;
     for (const i of keep) {
       const e = entries[i], st = stageOf(e.stage ?? "");
-      for (; k <= i; k++) {
-        const v = entries[k];
-        if (typeof v.val_cost === "number" && (v.stage ?? "") === st.name) {
-          st.vx.push(xs[k]); st.val.push(pos(v.val_cost));
-        }
+      for (; k < vkeep.length && vkeep[k] <= i; k++) {
+        const v = entries[vkeep[k]];
+        if ((v.stage ?? "") === st.name) { st.vx.push(xs[vkeep[k]]); st.val.push(pos(v.val_cost)); }
       }
       st.x.push(xs[i]); st.cost.push(pos(e.cost)); st.grad.push(pos(e.grad_norm));
       const read = typeof e.samples === "number" && typeof prev?.samples === "number"
