@@ -110,10 +110,10 @@ def test_bf16_needs_torch_and_says_so(monkeypatch):
     assert r.exit_code == 2 and "--compute bf16" in r.output
 
 
-def test_bf16_job_from_the_cli_trains_and_resumes_on_the_same_trajectory(tmp_path):
+def test_bf16_job_from_the_cli_trains_and_resumes_on_the_same_trajectory(tmp_path, two_workers):
     """``sae train --compute bf16`` on 2 workers: the job records dtype bfloat16, ends near the
     float32 job's cost, and a job stopped after 3 iterations and resumed ends with the bits of
-    the uninterrupted one."""
+    the uninterrupted one. (The four runs share the session's cluster: ``--scheduler``.)"""
     _torch()
     from service.cli import main
 
@@ -121,7 +121,7 @@ def test_bf16_job_from_the_cli_trains_and_resumes_on_the_same_trajectory(tmp_pat
     path = tmp_path / "ds"
     write_dataset(path, X, *X.shape, dtype="float32", chunk_rows=300, sample_shape=(6, 6))
     base = [str(path), "--hidden", "9", "--lam", "1e-4", "--rho", "0.05", "--beta", "3"]
-    base += ["--workers", "2", "--memory-limit", "1GB", "--seed", "3"]
+    base += ["--scheduler", two_workers.scheduler.address, "--seed", "3"]
     runner = CliRunner()
 
     def run(out, *extra):
@@ -138,7 +138,8 @@ def test_bf16_job_from_the_cli_trains_and_resumes_on_the_same_trajectory(tmp_pat
     assert abs(hb[-1]["cost"] - h32[-1]["cost"]) / h32[-1]["cost"] < 1e-2
     assert hb[-1]["cost"] != h32[-1]["cost"]
     run("part", "--compute", "bf16", "--max-iter", "3")
-    r = runner.invoke(main, ["train", "--resume", str(tmp_path / "part"), "--max-iter", "8"])
+    resume = ["--resume", str(tmp_path / "part"), "--max-iter", "8"]
+    r = runner.invoke(main, ["train", *resume, "--scheduler", two_workers.scheduler.address])
     assert r.exit_code == 0, r.output
     with (
         np.load(tmp_path / "bf16" / "model.npz") as a,

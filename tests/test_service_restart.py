@@ -135,7 +135,7 @@ def test_random_sigkills_during_a_mix_of_jobs(tmp_path):
                     assert j["status"] == "succeeded" and j["attempts"] == attempts, j
                     assert model.stat().st_mtime_ns == mtime, "a finished job ran again"
                 if kill < 3:
-                    time.sleep(rng.uniform(1.0, 4.0))  # a random moment of the mix
+                    time.sleep(rng.uniform(0.5, 2.5))  # a random moment of the mix
                     running = http.get("/jobs", params={"status": "running"}).json()["total"]
                     caught += running > 0
                 else:
