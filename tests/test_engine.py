@@ -64,14 +64,16 @@ def _malloc_env() -> dict:
 
 
 def test_workers_start_with_the_allocator_settings_of_the_kernels(two_workers):
-    """Dask's MALLOC_TRIM_THRESHOLD_ alone makes every block temporary a fresh mmap (a 1.5x
-    slower kernel in a worker): the embedded cluster's workers start with glibc's mmap
-    threshold above a block's temporaries and below a chunk's size (worker.cluster)."""
+    """Dask's MALLOC_TRIM_THRESHOLD_ alone makes every block temporary and every chunk read a
+    fresh mmap (a 1.5x slower kernel in a worker, a 2x slower read): the embedded cluster's
+    workers start with glibc's mmap threshold above a default chunk's size (worker.cluster)."""
     from worker.cluster import MALLOC_ENV
 
     envs = two_workers.run(_malloc_env)
     assert len(envs) == 2 and all(env == MALLOC_ENV for env in envs.values()), envs
-    assert int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > 1024 * 784 * 8  # a float64 block
+    from worker.dataset import DEFAULT_CHUNK_BYTES
+
+    assert int(MALLOC_ENV["MALLOC_MMAP_THRESHOLD_"]) > DEFAULT_CHUNK_BYTES  # > a block too
     # the same settings for the workers of docker compose and of a cluster started by hand,
     # as Dask itself reads its configuration files
     import dask.config

@@ -22,12 +22,16 @@ RECONNECT_TIMEOUT = 120.0
 
 #: glibc's allocator settings for worker processes, set before they start. Dask's default
 #: (``MALLOC_TRIM_THRESHOLD_=65536`` in ``distributed.nanny.pre-spawn-environ``) also turns off
-#: glibc's adaptive mmap threshold, so every temporary array above 128 kB of a chunk kernel
-#: was a fresh mmap whose pages fault in again: a 5,000-row 784-196 float32 fused pass took
-#: 184-193 ms in a worker against 122 ms in a plain process (``benchmarks/bench_engine.py``).
-#: Blocks' temporaries (up to 6.4 MB) now come from the heap, which keeps up to 64 MiB free at
-#: its top; a chunk (16 MB) is still an mmap, returned to the system when it is freed.
-MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": str(8 * 2**20), "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20)}
+#: glibc's adaptive mmap threshold, so every array above 128 kB was a fresh mmap whose pages
+#: fault in again: a 5,000-row 784-196 float32 fused pass took 184-193 ms in a worker against
+#: 122 ms in a plain process, and reading a 16 MB chunk 22 ms against 10 ms
+#: (``benchmarks/bench_engine.py``). Arrays up to 32 MiB (blocks' temporaries, and a chunk of
+#: the default ~16 MB with the bytes it is decoded from) now come from the heap, which keeps up
+#: to 64 MiB free at its top and hands the rest back to the system.
+MALLOC_ENV = {
+    "MALLOC_MMAP_THRESHOLD_": str(32 * 2**20),
+    "MALLOC_TRIM_THRESHOLD_": str(64 * 2**20),
+}
 
 
 class SchedulerUnreachable(ConnectionError):
