@@ -11,7 +11,7 @@ from typing import Any
 
 import click
 
-from worker.dataset import DatasetError, DatasetInfo, open_dataset
+from worker.dataset import DatasetError, DatasetInfo, open_dataset, stored_compression
 
 _MB = 2**20
 
@@ -60,6 +60,7 @@ def format_info(info: DatasetInfo) -> str:
         + (
             f", {disk / _MB:.2f} MB on disk" if (disk := _disk_bytes(info.path)) is not None else ""
         ),
+        f"compression:   {stored_compression(info.path)}",
         "sample shape:  "
         + ("x".join(str(d) for d in info.sample_shape) if info.sample_shape else "none"),
     ]
@@ -94,6 +95,14 @@ def _common(f: Callable) -> Callable:
         type=click.IntRange(min=1),
         default=None,
         help="Rows per chunk (default: about 16 MB per chunk).",
+    )(f)
+    f = click.option(
+        "--compression",
+        type=click.Choice(["auto", "zstd", "none"]),
+        default="auto",
+        show_default=True,
+        help="Codec of the chunks: auto compresses uint8 pixels with Zstandard and leaves "
+        "floats raw (they read ~5x faster; zstd saves 10-20% of their bytes).",
     )(f)
     f = click.option("--progress/--no-progress", default=True, help="Progress bar on a terminal.")(
         f
@@ -161,7 +170,7 @@ def register(main: click.Group) -> None:
     @click.argument("dest")
     @click.option("--limit", type=click.IntRange(min=1), default=None, help="First N examples.")
     @_common
-    def ingest_mnist(src, dest, limit, chunk_rows, overwrite, progress) -> None:
+    def ingest_mnist(src, dest, limit, chunk_rows, compression, overwrite, progress) -> None:
         """Write a dataset from an MNIST IDX file SRC (gzip or raw): uint8 pixels, scale 1/255."""
         from worker.array_files import ingest_idx
 
@@ -170,6 +179,7 @@ def register(main: click.Group) -> None:
             src,
             dest,
             chunk_rows=chunk_rows,
+            compression=compression,
             overwrite=overwrite,
             limit=limit,
             progress=progress,
@@ -199,7 +209,7 @@ def register(main: click.Group) -> None:
     )
     @_common
     def ingest_npy_cmd(
-        src, dest, dtype, scale, sample_shape, chunk_rows, overwrite, progress
+        src, dest, dtype, scale, sample_shape, chunk_rows, compression, overwrite, progress
     ) -> None:
         """Write a dataset from a .npy file SRC of shape (m, n) or (m, *sample_shape).
 
@@ -215,6 +225,7 @@ def register(main: click.Group) -> None:
             scale=scale,
             sample_shape=sample_shape,
             chunk_rows=chunk_rows,
+            compression=compression,
             overwrite=overwrite,
             progress=progress,
         )
@@ -237,7 +248,9 @@ def register(main: click.Group) -> None:
         help="Tensor to read from each .safetensors file (needed when one holds several).",
     )
     @_common
-    def ingest_activations_cmd(src, dest, storage, key, chunk_rows, overwrite, progress) -> None:
+    def ingest_activations_cmd(
+        src, dest, storage, key, chunk_rows, compression, overwrite, progress
+    ) -> None:
         """Write one dataset from the activations in SRC: a folder of .npy or .safetensors
         shards (in natural order: shard_2 before shard_10), or one such file.
 
@@ -254,6 +267,7 @@ def register(main: click.Group) -> None:
             storage=storage,
             key=key,
             chunk_rows=chunk_rows,
+            compression=compression,
             overwrite=overwrite,
             progress=progress,
         )
@@ -283,6 +297,7 @@ def register(main: click.Group) -> None:
         k,
         seed,
         chunk_rows,
+        compression,
         overwrite,
         progress,
     ) -> None:
@@ -303,6 +318,7 @@ def register(main: click.Group) -> None:
             seed=seed,
             dtype=dtype,
             chunk_rows=chunk_rows,
+            compression=compression,
             overwrite=overwrite,
             progress=progress,
         )
@@ -325,6 +341,7 @@ def register(main: click.Group) -> None:
         k,
         seed,
         chunk_rows,
+        compression,
         overwrite,
         progress,
     ) -> None:
@@ -347,6 +364,7 @@ def register(main: click.Group) -> None:
             seed=seed,
             dtype=dtype,
             chunk_rows=chunk_rows,
+            compression=compression,
             overwrite=overwrite,
             progress=progress,
         )

@@ -132,10 +132,15 @@ class Client:
         return self.request("GET", "/datasets").json()
 
     def upload(
-        self, name: str, path: str | Path, sample_shape: Iterable[int] | None = None
+        self,
+        name: str,
+        path: str | Path,
+        sample_shape: Iterable[int] | None = None,
+        compression: str = "auto",
     ) -> dict[str, Any]:
-        """Upload a ``.npy`` or IDX file (gzip allowed) as dataset ``name``."""
-        data = {"name": name}
+        """Upload a ``.npy`` or IDX file (gzip allowed) as dataset ``name``; ``compression``
+        ("auto", "zstd" or "none") is the codec of its chunks."""
+        data = {"name": name, "compression": compression}
         if sample_shape is not None:
             data["sample_shape"] = "x".join(str(int(d)) for d in sample_shape)
         path = Path(path)

@@ -23,7 +23,14 @@ from pathlib import Path
 from typing import Any
 
 from worker import schedule
-from worker.dataset import DatasetError, DatasetInfo, dataset_version, open_dataset, read_chunk
+from worker.dataset import (
+    DatasetError,
+    DatasetInfo,
+    dataset_version,
+    open_dataset,
+    read_chunk,
+    stored_compression,
+)
 
 _SEGMENT = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,127}")  # used with fullmatch
 MAX_NAME_LENGTH = 512
@@ -104,6 +111,7 @@ def describe(name: str, info: DatasetInfo) -> dict[str, Any]:
         "chunks": [info.chunk_rows, info.shape[1]],
         "n_chunks": info.n_chunks,
         "bytes": info.nbytes,
+        "compression": stored_compression(info.path),
         "sample_shape": list(info.sample_shape) if info.sample_shape else None,
         "scale": info.scale,
         "preprocessing": info.preprocessing,
@@ -472,6 +480,7 @@ def ingest_upload(
     sample_shape: tuple[int, ...] | None = None,
     max_inflated: int | None = None,
     max_chunk_bytes: int | None = None,
+    compression: str = "auto",
 ) -> dict[str, Any]:
     """Write an uploaded ``.npy`` or IDX file (gzip allowed) as dataset ``name``.
 
@@ -482,7 +491,7 @@ def ingest_upload(
     source names the uploaded file (``filename``, as the client sent it), not the temporary
     copy; ``sample_shape`` (e.g. (28, 28)) makes its examples pictures. A refused upload
     leaves nothing behind: no decompressed copy, no scratch folder, no empty parent folder
-    made for it.
+    made for it. ``compression`` is the chunks' codec (:func:`worker.dataset.compressors`).
 
     Raises
     ------
@@ -506,7 +515,12 @@ def ingest_upload(
             source = f"upload:{filename or 'file'} ({fmt})"
             ingest = array_files.ingest_npy if fmt == "npy" else array_files.ingest_idx
             info = ingest(
-                src, dest, sample_shape=sample_shape, source=source, max_chunk_bytes=chunk_bytes
+                src,
+                dest,
+                sample_shape=sample_shape,
+                source=source,
+                max_chunk_bytes=chunk_bytes,
+                compression=compression,
             )
         except (DatasetError, ValueError) as exc:
             _remove_empty(made)

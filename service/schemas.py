@@ -40,6 +40,7 @@ class Dataset(BaseModel):
     chunks: list[int] = Field(description="(rows per chunk, n)")
     n_chunks: int
     bytes: int = Field(description="Uncompressed size")
+    compression: str = Field("none", description="Codec of the chunks: none or zstd")
     sample_shape: list[int] | None = None
     scale: float = 1.0
     preprocessing: dict[str, Any] = Field(default_factory=dict)
@@ -56,6 +57,9 @@ class PhotographPatches(BaseModel):
     normalize: bool = True
     whiten: Literal["pca", "zca"] | None = None
     seed: int = Field(0, ge=0, le=2**32 - 1)
+    compression: Literal["auto", "zstd", "none"] = Field(
+        "auto", description="Codec of the chunks (auto: zstd for uint8, none for floats)"
+    )
 
 
 class JobLinks(BaseModel):

@@ -650,3 +650,90 @@ def _image(folder: Path, i: int, gray: bool) -> np.ndarray:
     path = sorted(folder.iterdir())[i]
     with Image.open(path) as im:
         return np.asarray(im.convert("L" if gray else "RGB"))
+
+
+# ------------------------------------------------------------------------- compression
+def _codecs(path) -> list[str]:
+    """The names of the compressors of the stored array, read from its Zarr metadata."""
+    meta = json.loads((Path(path) / "X" / "zarr.json").read_text())
+    return [c["name"] for c in meta["codecs"] if c["name"] not in ("bytes", "transpose")]
+
+
+def test_compression_auto_keeps_floats_raw_and_compresses_pixels(tmp_path):
+    """Raw float chunks read several times faster than Zstandard ones (README, benchmarks):
+    "auto" stores floats raw and uint8 pixels compressed; either choice can be forced, and the
+    values read back are the same bits."""
+    from worker.activations import ingest_activations
+    from worker.dataset import stored_compression
+
+    rng = np.random.default_rng(3)
+    floats = rng.standard_normal((300, 40)).astype(np.float32)
+    pixels = np.zeros((300, 40), np.uint8)
+    pixels[:, 10:20] = rng.integers(0, 256, (300, 10))  # a background of zeros
+    np.save(tmp_path / "f.npy", floats)
+    np.save(tmp_path / "p.npy", pixels)
+    for name, compression, src, want in [
+        ("f_auto", "auto", "f.npy", []),
+        ("f_zstd", "zstd", "f.npy", ["zstd"]),
+        ("p_auto", "auto", "p.npy", ["zstd"]),
+        ("p_none", "none", "p.npy", []),
+    ]:
+        dest = tmp_path / name
+        ingest_npy(tmp_path / src, dest, chunk_rows=100, compression=compression)
+        assert _codecs(dest) == want, name
+        assert stored_compression(dest) == (want[0] if want else "none")
+        np.testing.assert_array_equal(stored(dest), floats if src == "f.npy" else pixels)
+    disk = sum(
+        p.stat().st_size for p in (tmp_path / "p_auto" / "X" / "c").rglob("*") if p.is_file()
+    )
+    assert 0 < disk < pixels.nbytes / 2  # the background compresses
+    # activations, IDX and the preprocessing steps take the same option
+    ingest_activations(tmp_path / "f.npy", tmp_path / "a", compression="zstd", chunk_rows=64)
+    assert _codecs(tmp_path / "a") == ["zstd"]
+    np.testing.assert_array_equal(stored(tmp_path / "a"), floats)
+    write_idx(tmp_path / "p.idx", pixels)
+    ingest_idx(tmp_path / "p.idx", tmp_path / "i", compression="none")
+    assert _codecs(tmp_path / "i") == []
+    normalize_dataset(tmp_path / "p_auto", tmp_path / "n", compression="zstd")
+    assert _codecs(tmp_path / "n") == ["zstd"]
+    normalize_dataset(tmp_path / "p_auto", tmp_path / "n_raw")
+    assert _codecs(tmp_path / "n_raw") == []
+    np.testing.assert_array_equal(read_all(tmp_path / "n"), read_all(tmp_path / "n_raw"))
+    ingest_photographs(tmp_path / "ph", n_patches=50, compression="zstd", whiten="zca")
+    assert _codecs(tmp_path / "ph") == ["zstd"]
+
+
+@pytest.mark.parametrize(
+    "fn",
+    [
+        lambda src, dest: ingest_npy(src, dest, compression="lz4"),
+        lambda src, dest: ingest_idx(src, dest, compression="gzip"),
+        lambda src, dest: normalize_dataset(src, dest, compression="Zstd"),
+        lambda src, dest: ingest_photographs(dest, n_patches=10, compression=""),
+    ],
+)
+def test_unknown_compression_is_refused_before_reading(tmp_path, fn):
+    """The error names the field and lists the choices; nothing is written."""
+    with pytest.raises(DatasetError, match=r"compression: choose one of \['auto', 'zstd'"):
+        fn(tmp_path / "no-such-source", tmp_path / "d")
+    assert not (tmp_path / "d").exists() and leftovers(tmp_path) == []
+
+
+def test_cli_compression(tmp_path):
+    np.save(tmp_path / "a.npy", np.arange(60, dtype=np.float32).reshape(20, 3))
+    runner = CliRunner()
+    dest = str(tmp_path / "d")
+    result = runner.invoke(main, ["ingest", "npy", str(tmp_path / "a.npy"), dest, "--no-progress"])
+    assert result.exit_code == 0, result.output
+    assert "compression:   none" in result.output
+    result = runner.invoke(
+        main, ["ingest", "npy", str(tmp_path / "a.npy"), dest + "z", "--compression", "zstd"]
+    )
+    assert result.exit_code == 0 and "compression:   zstd" in result.output, result.output
+    assert "compression:   zstd" in runner.invoke(main, ["datasets", "info", dest + "z"]).output
+    result = runner.invoke(
+        main, ["ingest", "npy", str(tmp_path / "a.npy"), dest + "x", "--compression", "lz4"]
+    )
+    assert result.exit_code == 2 and "Traceback" not in result.output
+    assert "'--compression'" in result.output and "'auto', 'zstd', 'none'" in result.output
+    assert not (tmp_path / "dx").exists()

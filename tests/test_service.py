@@ -336,15 +336,29 @@ def test_upload_npy_and_gzipped_idx_then_delete(http, server):
     np.save(buf, X)
     r = http.post("/datasets", data={"name": "up/npy"}, files={"file": ("x.npy", buf.getvalue())})
     assert r.status_code == 201, r.text
-    assert r.json()["shape"] == [120, 9]
+    assert r.json()["shape"] == [120, 9] and r.json()["compression"] == "none"  # floats: raw
     np.testing.assert_allclose(read_all(server.data_root / "up" / "npy"), X, rtol=1e-7)
+    r = http.post(
+        "/datasets",
+        data={"name": "up/npyz", "compression": "zstd"},
+        files={"file": ("x.npy", buf.getvalue())},
+    )
+    assert r.status_code == 201 and r.json()["compression"] == "zstd", r.text
+    np.testing.assert_array_equal(read_all(server.data_root / "up" / "npyz"), X)
+    r = http.post(
+        "/datasets",
+        data={"name": "up/npylz", "compression": "lz4"},
+        files={"file": ("x.npy", buf.getvalue())},
+    )
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "compression"
+    assert http.get("/datasets/up/npylz").status_code == 404
     assert http.get("/datasets/up/npy").status_code == 200
 
     imgs = np.random.default_rng(0).integers(0, 256, size=(50, 5, 5))
     gz = gzip.compress(_idx_bytes(imgs))
     r = http.post("/datasets", data={"name": "up/idx"}, files={"file": ("x-idx3.gz", gz)})
     assert r.status_code == 201, r.text
-    assert r.json()["shape"] == [50, 25]
+    assert r.json()["shape"] == [50, 25] and r.json()["compression"] == "zstd"  # uint8 pixels
     got = read_all(server.data_root / "up" / "idx")
     scale = r.json()["scale"]
     np.testing.assert_allclose(got, imgs.reshape(50, 25) * scale, rtol=1e-6)
@@ -401,6 +415,12 @@ def test_ingest_photograph_patches(http, server):
     assert http.post("/datasets/photographs", json=body).status_code == 409
     r = http.post("/datasets/photographs", json={**body, "name": "x", "patch_size": 1})
     assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "patch_size"
+    assert d["compression"] == "none"  # normalised floats: raw by default
+    r = http.post("/datasets/photographs", json={**body, "name": "photos/z", "compression": "zstd"})
+    assert r.status_code == 201 and r.json()["compression"] == "zstd", r.text
+    np.testing.assert_array_equal(read_all(server.data_root / "photos" / "z"), X)
+    r = http.post("/datasets/photographs", json={**body, "name": "x", "compression": "gzip"})
+    assert r.status_code == 422 and r.json()["detail"][0]["loc"][-1] == "compression"
 
 
 def test_deep_job_shows_its_stages(http):

@@ -145,6 +145,35 @@ def _local(path: str | os.PathLike) -> Path:
     return Path(p[len("file://") :] if p.startswith("file://") else p)
 
 
+COMPRESSIONS = ("auto", "zstd", "none")
+
+
+def check_compression(compression: str) -> None:
+    """Raise :class:`DatasetError` naming the field for a compression outside
+    :data:`COMPRESSIONS` (checked before an ingest reads anything)."""
+    if compression not in COMPRESSIONS:
+        raise DatasetError(f"compression: choose one of {list(COMPRESSIONS)}, got {compression!r}")
+
+
+def compressors(compression: str, dtype: str) -> Any:
+    """The ``compressors`` argument of :meth:`zarr.Group.create_array` for a dataset.
+
+    ``"auto"`` compresses ``uint8`` pixels (backgrounds and repeated values: several-fold
+    smaller) and leaves floats raw: reading a raw float32 chunk from the page cache runs at
+    3-4 GB/s through Zarr, a Zstandard one at 0.7 GB/s for 17% fewer bytes (uniform random
+    floats; activations save less), and an out-of-core evaluation pays that on every pass.
+
+    Raises
+    ------
+    DatasetError
+        For a compression outside :data:`COMPRESSIONS`.
+    """
+    check_compression(compression)
+    if compression == "auto":
+        compression = "zstd" if dtype == "uint8" else "none"
+    return None if compression == "none" else [zarr.codecs.ZstdCodec(level=0)]
+
+
 def write_dataset(
     path: str | os.PathLike,
     blocks: Iterable[np.ndarray] | np.ndarray,
@@ -159,6 +188,7 @@ def write_dataset(
     overwrite: bool = False,
     *,
     in_place: bool = False,
+    compression: str = "auto",
 ) -> DatasetInfo:
     """Write a dataset atomically from an array or from row blocks of any size.
 
@@ -186,6 +216,10 @@ def write_dataset(
     in_place : bool
         Write directly at ``path`` (a scratch location of the caller, which moves it into
         place itself with :func:`move_into_place`), not through a hidden sibling.
+    compression : {"auto", "zstd", "none"}
+        Codec of the chunks. ``"auto"`` (:func:`compressors`): Zstandard for ``uint8``
+        pixels, none for floats, whose mantissas compress by 10-20% while decoding them
+        costs a core about 5x the time of reading the raw bytes.
 
     Returns
     -------
@@ -194,10 +228,12 @@ def write_dataset(
     Raises
     ------
     DatasetError
-        For a bad dtype, shape, sample_shape or scale (not finite and > 0), an existing
-        ``path`` without ``overwrite``, or blocks that do not match ``n_rows``/``n_features``.
+        For a bad dtype, shape, sample_shape, scale (not finite and > 0) or compression, an
+        existing ``path`` without ``overwrite``, or blocks that do not match
+        ``n_rows``/``n_features``.
     """
     check_scale(scale)
+    codecs = compressors(compression, dtype)
     if dtype not in STORED_DTYPES:
         raise DatasetError(f"dtype: choose one of {list(STORED_DTYPES)}, got {dtype!r}")
     if n_rows < 1 or n_features < 1:
@@ -223,6 +259,7 @@ def write_dataset(
             shape=(n_rows, n_features),
             chunks=(chunk_rows, n_features),
             dtype=_BITS.get(dtype, dtype),
+            compressors=codecs,
             config={"write_empty_chunks": True},
             attributes={"storage": dtype} if dtype in _BITS else None,
         )
@@ -442,6 +479,14 @@ def open_dataset(path: str | os.PathLike) -> DatasetInfo:
         preprocessing=attrs.get("preprocessing") or {},
         source=attrs.get("source", ""),
     )
+
+
+def stored_compression(path: str | os.PathLike) -> str:
+    """How the chunks of the dataset at ``path`` are compressed: ``"none"``, ``"zstd"``, or
+    the names of other Zarr codecs joined by ``+`` (datasets written by other tools)."""
+    X = zarr.open_group(str(path), mode="r")[ARRAY_NAME]
+    names = [type(c).__name__.removesuffix("Codec").lower() for c in X.compressors]
+    return "+".join(names) or "none"
 
 
 def write_id(path: str | os.PathLike) -> str | None:

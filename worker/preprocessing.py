@@ -27,6 +27,7 @@ from worker.dataset import (
     DatasetError,
     DatasetInfo,
     _open_array,
+    check_compression,
     open_dataset,
     remove_path,
     scratch_path,
@@ -52,6 +53,7 @@ def normalize_dataset(
     pstd: float | None = None,
     dtype: str = "float64",
     chunk_rows: int | None = None,
+    compression: str = "auto",
     overwrite: bool = False,
     progress: bool = False,
 ) -> DatasetInfo:
@@ -71,6 +73,9 @@ def normalize_dataset(
     dtype : {"float64", "float32"}
     chunk_rows : int, optional
         Rows per chunk of ``dest`` (default: those of ``src``).
+    compression : {"auto", "zstd", "none"}
+        Codec of the chunks (:func:`worker.dataset.compressors`): ``"auto"`` compresses uint8
+        pixels and leaves floats raw, which read several times faster than Zstandard ones.
     overwrite, progress : bool
 
     Returns
@@ -78,6 +83,7 @@ def normalize_dataset(
     info : DatasetInfo
         ``preprocessing["normalize"] = {"method": "ufldl", "pstd": pstd}``.
     """
+    check_compression(compression)
     from sae.preprocess import NormalizeStats, normalize_patches
 
     _check_dest(dest, overwrite)
@@ -96,6 +102,7 @@ def normalize_dataset(
         n_features=n,
         dtype=dtype,
         chunk_rows=chunk_rows or info.chunk_rows,
+        compression=compression,
         sample_shape=info.sample_shape,
         preprocessing=_derived_preprocessing(info, "normalize", {"method": "ufldl", "pstd": pstd}),
         source=info.source,
@@ -114,6 +121,7 @@ def whiten_dataset(
     k: int | None = None,
     dtype: str = "float64",
     chunk_rows: int | None = None,
+    compression: str = "auto",
     overwrite: bool = False,
     progress: bool = False,
 ) -> DatasetInfo:
@@ -138,6 +146,9 @@ def whiten_dataset(
     dtype : {"float64", "float32"}
     chunk_rows : int, optional
         Rows per chunk of ``dest`` (default: those of ``src``).
+    compression : {"auto", "zstd", "none"}
+        Codec of the chunks (:func:`worker.dataset.compressors`): ``"auto"`` compresses uint8
+        pixels and leaves floats raw, which read several times faster than Zstandard ones.
     overwrite, progress : bool
 
     Returns
@@ -147,6 +158,7 @@ def whiten_dataset(
         units cannot reconstruct them. ZCA keeps the sample shape (its output is in pixel
         space); PCA output has none.
     """
+    check_compression(compression)
     from sae.preprocess import MomentSums, fit_whitening
 
     _check_dest(dest, overwrite)
@@ -179,6 +191,7 @@ def whiten_dataset(
         n_features=w.n_components,
         dtype=dtype,
         chunk_rows=chunk_rows or info.chunk_rows,
+        compression=compression,
         sample_shape=info.sample_shape if w.method == "zca" else None,
         preprocessing=_derived_preprocessing(info, "whiten", params),
         source=info.source,
@@ -229,6 +242,7 @@ def _preprocess_pipeline(
     k: int | None,
     dtype: str,
     chunk_rows: int | None,
+    compression: str,
     overwrite: bool,
     progress: bool,
 ) -> DatasetInfo:
@@ -254,6 +268,7 @@ def _preprocess_pipeline(
                 nxt,
                 dtype=dtype,
                 chunk_rows=chunk_rows,
+                compression=compression,
                 overwrite=overwrite if whiten is None else False,
                 progress=progress,
             )
@@ -267,6 +282,7 @@ def _preprocess_pipeline(
                 k=k,
                 dtype=dtype,
                 chunk_rows=chunk_rows,
+                compression=compression,
                 overwrite=overwrite,
                 progress=progress,
             )

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import IO, Annotated, Any
+from typing import IO, Annotated, Any, Literal
 
 from fastapi import APIRouter, Depends, File, Form, HTTPException, Response, UploadFile
 
@@ -116,6 +116,10 @@ def upload_dataset(
             description="Shape of one example as a picture, e.g. 28x28 or 12x12x3",
         ),
     ] = None,
+    compression: Annotated[
+        Literal["auto", "zstd", "none"],
+        Form(description="Codec of the chunks: auto is zstd for uint8 and none for floats"),
+    ] = "auto",
 ) -> dict[str, Any]:
     """Ingest an uploaded `.npy` or IDX file (gzip allowed) as dataset `name`."""
     try:
@@ -142,6 +146,7 @@ def upload_dataset(
                 sample_shape=shape,
                 max_inflated=inflated,
                 max_chunk_bytes=settings.max_chunk_bytes,
+                compression=compression,
             )
 
 
