@@ -135,16 +135,14 @@ def throughput(args) -> None:
     from worker.schedule import build_network
     from worker.train import train
 
-    peaks = measure_peaks([THREADS], bf16="bfloat16" in DTYPES)
+    dtypes = args.dtypes.split(",")
+    peaks = measure_peaks([THREADS], bf16="bfloat16" in dtypes)
     rows = 4096 * 10
     with (
         tempfile.TemporaryDirectory() as tmp,
-        get_client(workers=2, threads_per_worker=1) as (
-            client,
-            _,
-        ),
+        get_client(scheduler=args.scheduler, workers=2, threads_per_worker=1) as (client, _),
     ):
-        for dtype in DTYPES:
+        for dtype in dtypes:
             path = Path(tmp) / dtype
             from sae.objective import array_dtype
             from worker.dataset import read_all
@@ -444,6 +442,12 @@ def main(argv: list[str] | None = None) -> int:
         "epochs)",
     )
     t.add_argument("--passes", choices=["two", "fused"], default="two")
+    t.add_argument("--dtypes", default=",".join(DTYPES), help="compute dtypes measured")
+    t.add_argument(
+        "--scheduler",
+        default=None,
+        help="address of a running scheduler with 2 workers x 1 thread (default: embedded)",
+    )
     o = sub.add_parser("out-of-core")
     o.add_argument("--rows", type=int, default=1_000_000)
     o.add_argument("--memory-limit", default="670MB")

@@ -383,6 +383,7 @@ def register(main: click.Group) -> None:
         except (DatasetError, OSError) as exc:
             raise click.ClickException(str(exc)) from None
         if as_json:
-            click.echo(json.dumps(info.to_dict(), indent=2))
+            out = {**info.to_dict(), "compression": stored_compression(info.path)}
+            click.echo(json.dumps(out, indent=2))
         else:
             click.echo(format_info(info))

@@ -450,6 +450,7 @@ def test_cli_ingest_npy_and_info(tmp_path):
     result = runner.invoke(main, ["datasets", "info", dest, "--json"])
     d = json.loads(result.output)
     assert d["shape"] == [250, 6] and d["n_chunks"] == 3 and d["sample_shape"] == [2, 3]
+    assert d["compression"] == "zstd"  # uint8
 
     # existing destination: a clean error, no traceback; --overwrite replaces
     result = runner.invoke(main, args)
