@@ -52,6 +52,7 @@ import contextlib
 import hashlib
 import operator
 import re
+import threading
 import time
 import uuid
 import warnings
@@ -770,6 +771,23 @@ class DistributedObjective:
 MAX_COPIES = 4
 
 
+_WARNINGS_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def large_graph_expected():
+    """Silence distributed's "Sending large graph" warning for one submission.
+
+    ``warnings.catch_warnings`` saves the process's filter list on entry and puts it back on
+    exit, so two threads inside it at once (the service runs several jobs) could leave the
+    other's filter behind, for good; the lock lets one thread in at a time (the submission it
+    wraps does not wait for the graph to run).
+    """
+    with _WARNINGS_LOCK, warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="Sending large graph")
+        yield
+
+
 class _State:
     """Where a graph being built puts the copy of the state of the worker a task runs on."""
 
@@ -932,9 +950,8 @@ class BatchObjective(DistributedObjective):
         of its record."""
         self._refresh_workers()
         hlg, (copies, record) = self.step_graph(state, parts, slots, decay, advance, lr)
-        with warnings.catch_warnings():  # a chain's first state is in its graph, by design:
+        with large_graph_expected():  # a chain's first state is in its graph, by design:
             # so Dask can recompute a lost state from there (a scattered one is just lost)
-            warnings.filterwarnings("ignore", message="Sending large graph")
             *new, rec = self.client.get(hlg, [*copies.values(), record], sync=False)
         self.stats.n_evals += 1
         return StateCopies(dict(zip(copies, new, strict=True))), rec

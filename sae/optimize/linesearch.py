@@ -20,7 +20,9 @@ Objective = Callable[[np.ndarray], tuple[float, np.ndarray]]
 # scipy warns (LineSearchWarning, a RuntimeWarning) when its search fails; the optimizer
 # reports failures through the state instead. The class lives in a private module, so match
 # the messages. (warnings.catch_warnings is process-global: a concurrent thread may see the
-# filter while it is active, which only hides these same messages.)
+# filter while it is active, or two overlapping searches may leave it in place for good; it
+# only ever hides these same messages, and a lock would make concurrent jobs' line searches,
+# which evaluate the objective, wait for each other.)
 _LS_MESSAGES = r"(The line search algorithm|Rounding errors prevent the line search)"
 
 
